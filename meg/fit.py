@@ -39,6 +39,7 @@ from meg.errors import ConfigError
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from meg.augment import TemplateBank
     from meg.facts import EditRequest
 
 
@@ -53,6 +54,7 @@ class FitConfig:
     margin_ce: float = 0.05  # per-token cross-entropy below which a "margin" edit is done
     l2: float = 0.0  # penalty on ||w - w0||^2, keeps deltas small and the generator's targets tame
     suffix: str = "\n"  # fitted after the target so generated answers end there
+    n_variants: int = 0  # rewordings of each prompt from the pseudo-edit template bank (meg.augment), 0 = off
     n_prefixes: int = 0  # random context prefixes per edit (robustness to preceding text), 0 = off
     prefix_tokens: int = 8  # length of each generated prefix
     chunk_size: int = 32  # edits per batch (rows = chunk_size * (1 + n_prefixes))
@@ -68,6 +70,7 @@ class FitConfig:
             "stop": self.stop in ("success", "margin"),
             "margin_ce": self.margin_ce > 0,
             "l2": self.l2 >= 0,
+            "n_variants": self.n_variants >= 0,
             "n_prefixes": self.n_prefixes >= 0,
             "prefix_tokens": self.prefix_tokens >= 1,
             "chunk_size": self.chunk_size >= 1,
@@ -312,8 +315,15 @@ def fit_edits(
     cfg: FitConfig,
     store_dir: Path | None = None,
     progress: bool = True,
+    bank: "TemplateBank | None" = None,
 ) -> FitResult:
-    """Fit one neuron per edit. With ``store_dir``, stored edits are reused and new ones stored."""
+    """Fit one neuron per edit. With ``store_dir``, stored edits are reused and new ones stored.
+
+    ``bank`` supplies rewordings of each prompt (``cfg.n_variants`` of them) fitted alongside it;
+    without one, ``n_variants`` must be 0.
+    """
+    if cfg.n_variants and bank is None:
+        raise ConfigError("fit: 'n_variants' > 0 needs a template bank (meg.augment.TemplateBank)")
     t0 = time.time()
     model, tok = loaded.model, loaded.tokenizer
     layer = cfg.layer if cfg.layer is not None else loaded.default_layer
@@ -332,7 +342,8 @@ def fit_edits(
             chunk = todo[start : start + cfg.chunk_size]
             prompts, targets, edit_of_row = [], [], []
             for i, e in enumerate(chunk):
-                for text in [e.prompt] + [f"{p} {e.prompt}" for p in prefixes]:
+                rewordings = bank.variants(e.prompt, e.subject, cfg.n_variants) if bank else []
+                for text in [e.prompt] + rewordings + [f"{p} {e.prompt}" for p in prefixes]:
                     prompts.append(text)
                     targets.append(e.target_new)
                     edit_of_row.append(i)

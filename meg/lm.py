@@ -344,7 +344,8 @@ def tiny_config(family: str, vocab_size: int):
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
     from transformers.models.gemma3 import Gemma3TextConfig
 
-    common = dict(vocab_size=vocab_size, tie_word_embeddings=True)
+    # A wide initialisation gives the random model a real logit scale (argmax can be steered).
+    common = dict(vocab_size=vocab_size, tie_word_embeddings=True, initializer_range=0.2)
     if family == "llama":
         return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", **common)

@@ -1,0 +1,210 @@
+"""The MeG editor and the edited model: query -> encoder -> router -> generator -> neuron -> LM.
+
+Building (``MegEditor.apply`` or ``build``):
+1. fit one neuron per edit (``meg.fit``);
+2. take the query encoder, fine-tuned with InfoNCE on pseudo-edits (``meg.encoder``), cached per
+   configuration because it does not depend on the edit set;
+3. fit the router on the edit prompts' embeddings and calibrate its threshold on held-out
+   pseudo-edits of the same count (``meg.router``);
+4. train the diffusion weight generator on (prompt embedding, fitted weights) (``meg.generator``).
+
+Answering (``EditedModel``): every prompt of a batch is embedded and routed; routed prompts get
+neuron weights sampled from the generator (seeded, so answers are deterministic), the others get
+none, and one batched forward pass serves them all.
+
+``EditedModel.save(dir)`` writes a bundle: the encoder, router, generator, w0 and a manifest with
+the base model id and content hash, the layer, every config and the package versions, plus a
+sha256 of every file. ``load`` refuses a bundle whose files or base model do not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from meg import evaluate, fit, lm
+from meg.errors import BundleError, ConfigError
+
+if TYPE_CHECKING:
+    from meg.facts import EditRequest
+
+BUNDLE_FORMAT = 1
+
+
+@dataclass
+class MegConfig:
+    fit: fit.FitConfig = field(default_factory=fit.FitConfig)
+    encoder: dict = field(default_factory=dict)  # overrides of meg.encoder.EncoderConfig
+    router: str = "nearest"  # "nearest" (cosine to the nearest edit) or "familiarity" (the paper's)
+    router_options: dict = field(default_factory=dict)
+    generator: dict = field(default_factory=dict)  # overrides of meg.generator.GeneratorConfig
+    weights: str = "generator"  # "generator" (MeG) or "lookup" (the nearest edit's fitted weights)
+    n_pseudo_encoder: int = 5000  # train-split pseudo-edits for the encoder
+    n_pseudo_calibration: int = 2000  # held-out train-split pseudo-edits for the router threshold
+    sample_seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fit, dict):
+            self.fit = fit.FitConfig(**self.fit)
+        if self.router not in ("nearest", "familiarity", "off"):
+            raise ConfigError(f"meg: bad value for 'router': {self.router!r} (nearest, familiarity, off)")
+        if self.weights not in ("generator", "lookup"):
+            raise ConfigError(f"meg: bad value for 'weights': {self.weights!r} (generator, lookup)")
+
+
+def pseudo_edits(n_encoder: int, n_calibration: int, exclude: set[str]) -> tuple[list, list]:
+    """Two disjoint sets of CounterFact *train* records: encoder training, router calibration."""
+    from meg.facts import load_benchmark
+
+    pool = [e for e in load_benchmark("counterfact", "train") if e.content_key not in exclude and e.paraphrases
+            and e.locality]
+    return pool[:n_encoder], pool[n_encoder : n_encoder + n_calibration]
+
+
+class EditedModel(evaluate.EditedLM):
+    """A base model answering with MeG's generated neuron weights."""
+
+    def __init__(self, loaded, layer, act, encoder, router, generator, w0, cfg: MegConfig,
+                 lookup: torch.Tensor | None = None, info: dict | None = None, batch_size: int = 32):
+        super().__init__(loaded, self._weights_for, layer=layer, act=act, batch_size=batch_size)
+        self.encoder, self.router, self.generator, self.w0 = encoder, router, generator, w0
+        self.cfg, self.lookup, self.info = cfg, lookup, info or {}
+        self.extra_metrics: dict = {}
+
+    def route(self, prompts: list[str]):
+        emb = self.encoder.encode(prompts)
+        if self.cfg.router == "off":
+            n = len(prompts)
+            return emb, torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long), torch.ones(n)
+        mask, nearest, conf = self.router.route(emb)
+        return emb, mask, nearest, conf
+
+    def _weights_for(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        emb, mask, nearest, _ = self.route(prompts)
+        w = torch.zeros(len(prompts), self.w0.numel())
+        rows = mask.nonzero().flatten()
+        if rows.numel():
+            if self.cfg.weights == "lookup":
+                w[rows] = self.lookup[nearest[rows]]
+            else:
+                w[rows] = self.generator.sample(emb[rows], seed=self.cfg.sample_seed)
+        return w, mask
+
+    def explain(self, prompts: list[str]) -> list[dict]:
+        _, mask, nearest, conf = self.route(prompts)
+        return [{"routed": bool(m), "nearest": int(n), "confidence": float(c)} for m, n, c in zip(mask, nearest, conf)]
+
+    # ---- bundle -------------------------------------------------------------------------------
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        self.encoder.save(tmp / "encoder")
+        if self.router is not None:
+            self.router.save(tmp / "router")
+        if self.generator is not None:
+            self.generator.save(tmp / "generator")
+        from safetensors.torch import save_file
+
+        tensors = {"w0": self.w0.contiguous()}
+        if self.lookup is not None:
+            tensors["lookup"] = self.lookup.contiguous()
+        save_file(tensors, str(tmp / "weights.safetensors"))
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "base_model": self.loaded.model_id,
+            "base_model_hash": self.loaded.content_hash,
+            "layer": self.layer,
+            "act": self.act,
+            "config": _config_dict(self.cfg),
+            "info": self.info,
+            "versions": _versions(),
+            "files": _hash_tree(tmp),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return out
+
+    @classmethod
+    def load(cls, bundle: str | Path, loaded: lm.LoadedModel | None = None) -> "EditedModel":
+        from safetensors.torch import load_file
+
+        from meg.encoder import QueryEncoder
+        from meg.generator import WeightGenerator
+        from meg.router import load_router
+
+        bundle = Path(bundle)
+        manifest_path = bundle / "manifest.json"
+        if not manifest_path.is_file():
+            raise BundleError(f"{bundle}: not an edit bundle (no manifest.json)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError as e:
+            raise BundleError(f"{manifest_path}: corrupted manifest: {e}") from e
+        actual = _hash_tree(bundle, skip={"manifest.json"})
+        if actual != manifest.get("files"):
+            bad = sorted(set(actual.items()) ^ set(manifest.get("files", {}).items()))
+            raise BundleError(f"{bundle}: files do not match the manifest (corrupted or changed): "
+                              f"{', '.join(sorted({k for k, _ in bad}))}")
+        if loaded is None:
+            loaded = lm.load_model(manifest["base_model"])
+        if loaded.content_hash != manifest["base_model_hash"]:
+            raise BundleError(
+                f"{bundle}: built for base model {manifest['base_model']} with hash "
+                f"{manifest['base_model_hash'][:12]}, but the loaded model has hash {loaded.content_hash[:12]}"
+            )
+        cfg = _config_from_dict(manifest["config"])
+        tensors = load_file(str(bundle / "weights.safetensors"))
+        encoder = QueryEncoder.load(bundle / "encoder")
+        router = load_router(bundle / "router") if (bundle / "router").exists() else None
+        generator = WeightGenerator.load(bundle / "generator") if (bundle / "generator").exists() else None
+        return cls(loaded, manifest["layer"], manifest["act"], encoder, router, generator, tensors["w0"], cfg,
+                   lookup=tensors.get("lookup"), info=manifest.get("info"))
+
+
+def _config_dict(cfg: MegConfig) -> dict:
+    return asdict(cfg)
+
+
+def _config_from_dict(d: dict) -> MegConfig:
+    d = dict(d)
+    d["fit"] = fit.FitConfig(**d["fit"])
+    return MegConfig(**d)
+
+
+def _versions() -> dict:
+    import transformers
+
+    import meg
+
+    return {"meg": meg.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _hash_tree(root: Path, skip: set[str] = frozenset({"manifest.json"})) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in skip:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            out[rel] = h.hexdigest()
+    return out

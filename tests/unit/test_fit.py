@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from meg import evaluate, fit, lm, neuron, textbatch
+from tests.conftest import make_edit
+
+EDITS = [
+    ("The capital of France is", "Rome"),
+    ("The mother tongue of Danielle Darrieux is", "English"),
+    ("Toko Yasuda plays the", "piano"),
+    ("The Eiffel Tower is located in", "Berlin"),
+    ("Apple was founded by", "Bill Gates"),
+    ("The official language of Brazil is", "Swedish"),
+]
+
+
+def _edits():
+    return [make_edit(i, p, t) for i, (p, t) in enumerate(EDITS)]
+
+
+def _cfg(**kw):
+    # Tiny random models cannot always put two answer positions right with one neuron: no suffix here.
+    base = dict(layer=2, optimizer="adam", lr=0.3, max_steps=150, chunk_size=4, suffix="")
+    base.update(kw)
+    return fit.FitConfig(**base)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "qwen2"])
+def test_replay_matches_full_forward(tiny_models, tokenizer, family):
+    m = tiny_models[family].model
+    batch = textbatch.encode(tokenizer, [p for p, _ in EDITS], [t for _, t in EDITS], "\n")
+    d = lm.hidden_size(m)
+    w = torch.randn(len(EDITS), neuron.weight_dim(d)) * 0.2
+    with neuron.attached_neuron(m, 2) as n:
+        n.set_weights(w)
+        full = textbatch.logits_at(m, batch)
+        holder = {"h": fit.layer_inputs(m, 2, batch)}
+        with fit.replay_from(m, 2, holder):
+            replayed = textbatch.logits_at(m, batch)
+    assert torch.allclose(full, replayed, atol=1e-5)
+    assert all(not isinstance(layer, fit._Skip) for layer in lm.decoder_layers(m))
+
+
+# Gemma-3 is left out here: its random tiny model's scaled embeddings swamp a single neuron; the
+# replay test above covers its code path and the integration tests cover real models.
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_fitted_edits_reproduce_targets_by_greedy_decoding(tiny_models, family):
+    loaded = tiny_models[family]
+    edits = _edits()
+    res = fit.fit_edits(loaded, edits, _cfg(), progress=False)
+    assert res.success.float().mean() >= 0.6, res.report()
+    weights = res.weights
+
+    def weights_fn(prompts):
+        idx = [[e.prompt for e in edits].index(p) for p in prompts]
+        return weights[idx], torch.ones(len(idx), dtype=torch.bool)
+
+    edited = evaluate.EditedLM(loaded, weights_fn, layer=2)
+    outs = edited.generate([e.prompt for e in edits], max_new_tokens=6)
+    for ok, out, e in zip(res.success.tolist(), outs, edits):
+        # the success flag is exactly "greedy decoding starts with the target"
+        assert out.strip().casefold().startswith(e.target_new.casefold()) == ok, (out, e.target_new, ok)
+    assert lm.ffn_module(loaded.model, 2).__class__.__name__ != "DynamicNeuron"
+
+
+def test_fitting_together_equals_fitting_alone(tiny_models):
+    loaded = tiny_models["llama"]
+    edits = _edits()[:3]
+    cfg = _cfg(max_steps=5, stop="margin", margin_ce=1e-9)
+    together = fit.fit_edits(loaded, edits, cfg, progress=False)
+    alone = torch.stack([fit.fit_edits(loaded, [e], cfg, progress=False).weights[0] for e in edits])
+    assert torch.allclose(together.weights, alone, atol=1e-4)
+
+
+def test_store_resumes_and_only_fits_new_edits(tiny_models, tmp_path):
+    loaded = tiny_models["llama"]
+    edits = _edits()
+    first = fit.fit_edits(loaded, edits[:4], _cfg(), store_dir=tmp_path, progress=False)
+    parts = list(tmp_path.rglob("part-*.safetensors"))
+    second = fit.fit_edits(loaded, edits, _cfg(), store_dir=tmp_path, progress=False)
+    assert torch.equal(second.weights[:4], first.weights)
+    new_parts = set(tmp_path.rglob("part-*.safetensors")) - set(parts)
+    assert len(new_parts) == 1  # only the two new edits were fitted, in one chunk
+    # a part whose index was never written (interrupted) is ignored, not half-read
+    torn = next(iter(new_parts))
+    torn.with_suffix(".json").unlink()
+    third = fit.fit_edits(loaded, edits, _cfg(), store_dir=tmp_path, progress=False)
+    assert torch.equal(third.weights, second.weights)
+
+
+def test_other_settings_do_not_reuse_the_store(tiny_models, tmp_path):
+    loaded = tiny_models["llama"]
+    a = _cfg().key(loaded.content_hash, 2)
+    assert a != _cfg(lr=0.05).key(loaded.content_hash, 2)
+    assert a != _cfg().key("other-model", 2)
+    assert a == _cfg(chunk_size=16).key(loaded.content_hash, 2)
+
+
+def test_failures_are_reported(tiny_models):
+    res = fit.fit_edits(tiny_models["llama"], _edits(), _cfg(max_steps=1, lr=1e-6), progress=False)
+    rep = res.report()
+    assert rep["n_success"] < rep["n_edits"]
+    assert len(rep["failed_ids"]) == rep["n_edits"] - rep["n_success"]
+
+
+def test_bad_config_names_the_field():
+    from meg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'optimizer'"):
+        fit.FitConfig(optimizer="lbfgs")
+    with pytest.raises(ConfigError, match="'lr'"):
+        fit.FitConfig(lr=0)
