@@ -130,15 +130,17 @@ def dev_metrics(encode: CachedEncoder, dev: list[dict]) -> dict[str, float]:
 
 # ---- the two modes ----------------------------------------------------------------------------
 
+LAST, ALL = {"trainable": "last", "lr": 1e-4}, {"trainable": "all", "lr": 3e-5}
 SWEEP = [  # name, EncoderConfig overrides, hard negatives
     ("frozen", {"trainable": "none"}, False),
-    ("last T=1.0", {"temperature": 1.0}, False),
-    ("last T=0.1", {"temperature": 0.1}, False),
-    ("last T=0.05", {"temperature": 0.05}, False),
-    ("last T=0.02", {"temperature": 0.02}, False),
-    ("last T=0.05 +hard", {"temperature": 0.05}, True),
-    ("last T=0.05 +hard sym", {"temperature": 0.05, "symmetric": True}, True),
-    ("all T=0.05 +hard", {"temperature": 0.05, "trainable": "all", "lr": 3e-5}, True),
+    ("last T=1.0", {**LAST, "temperature": 1.0}, False),
+    ("last T=0.1", {**LAST, "temperature": 0.1}, False),
+    ("last T=0.05", {**LAST, "temperature": 0.05}, False),
+    ("last T=0.02", {**LAST, "temperature": 0.02}, False),
+    ("last T=0.05 +hard", {**LAST, "temperature": 0.05}, True),
+    ("all T=0.05 +hard", {**ALL, "temperature": 0.05}, True),
+    ("all T=0.05 +hard sym", {**ALL, "temperature": 0.05, "symmetric": True}, True),
+    ("all T=0.1 +hard", {**ALL, "temperature": 0.1}, True),
 ]
 
 
@@ -170,14 +172,20 @@ def report(args: argparse.Namespace) -> dict:
     sets = edit_sets(args.n_counterfact, args.n_zsre)
     out: dict = {"split": {k: len(v) for k, v in split.items()}, "encoders": {}, "runs": {}}
     hard = not args.no_hard
-    for enc_name in ("frozen", "tuned"):
+    for enc_name in args.encoders.split(","):
         if enc_name == "frozen":
             t0 = time.perf_counter()
             encoder, info = QueryEncoder(EncoderConfig(trainable="none")), {"seconds": 0.0}
             info["load_seconds"] = time.perf_counter() - t0
+        elif args.encoder_cache and (args.encoder_cache / "encoder.json").is_file():
+            encoder = QueryEncoder.load(args.encoder_cache)
+            info = json.loads((args.encoder_cache / "tuning.json").read_text())
         else:
             encoder, info = tune_encoder(EncoderConfig(), split["encoder"], args.pairs, hard)
             info.update(config=asdict(encoder.config), hard_negatives=hard)
+            if args.encoder_cache:
+                encoder.save(args.encoder_cache)
+                (args.encoder_cache / "tuning.json").write_text(json.dumps(info, indent=2))
         encode = CachedEncoder(encoder)
         info["dev"] = dev_metrics(encode, split["dev"])
         out["encoders"][enc_name] = info
@@ -201,8 +209,9 @@ def report(args: argparse.Namespace) -> dict:
                 key = f"{enc_name}/{dataset}/{kind}"
                 out["runs"][key] = {"threshold": cal.threshold, "calibration": asdict(cal), "confusion": conf,
                                     "calibrate_seconds": t_cal, "fit_seconds": t_fit, "n_edits": n}
-                print(f"{key:32s} thr {cal.threshold:.4f} | pseudo: para {cal.recall:.3f} unrel "
-                      f"{1 - cal.rejection:.3f} | edit {conf['edit_routed']:.3f} para {conf['paraphrase_routed']:.3f} "
+                print(f"{key:32s} thr {cal.threshold:.4f} | pseudo: edit {cal.edit_recall:.3f} para {cal.recall:.3f} "
+                      f"unrel {1 - cal.rejection:.3f} | edit {conf['edit_routed']:.3f} "
+                      f"para {conf['paraphrase_routed']:.3f} "
                       f"(right {conf['paraphrase_routed_right']:.3f}) loc {conf['unrelated_routed']:.3f} | "
                       f"fit {t_fit:.1f} s, calibrate {t_cal:.1f} s", flush=True)
         out["encoders"][enc_name]["encode_seconds"] = encode.seconds
@@ -228,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="--sweep: comma-separated names of settings to run")
     p.add_argument("--pairs", type=int, default=4000, help="fine-tuning pairs from the encoder pool")
     p.add_argument("--no-hard", action="store_true", help="fine-tune without hard negatives")
+    p.add_argument("--encoders", default="frozen,tuned", help="which of frozen,tuned to report")
+    p.add_argument("--encoder-cache", type=Path, default=None,
+                   help="directory of the tuned encoder: loaded if present, else written after tuning")
     p.add_argument("--n-counterfact", type=int, default=1000)
     p.add_argument("--n-zsre", type=int, default=1037)
     p.add_argument("--threads", type=int, default=None)

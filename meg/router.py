@@ -43,14 +43,15 @@ CONFIG_FILE, WEIGHTS_FILE = "router.json", "router.safetensors"
 class RouterConfig:
     kind: str = "nearest"  # "nearest" (cosine to the nearest edit) or "familiarity" (the paper's network)
     threshold: float | None = None  # familiarity: route if entropy < threshold; nearest: if cosine > threshold
-    objective: str = "harmonic"  # calibration: maximise the harmonic mean or the mean of recall and rejection
+    objective: str = "harmonic"  # calibration: harmonic or plain mean of paraphrase/edit recall and rejection
     chunk_size: int = 4096  # edit embeddings per similarity matmul (memory bound for large edit sets)
     num_labels: int = 10  # familiarity: K random labels
     blocks: int = 5  # familiarity: residual blocks Linear(C,4C)-GELU-Linear(4C,C)-Dropout
     dropout: float = 0.1  # familiarity: dropout in every block
     lr: float = 1e-3  # familiarity: AdamW learning rate
     batch_size: int = 256  # familiarity: edits per step
-    max_epochs: int = 1000  # familiarity: give up memorising after this many epochs
+    max_epochs: int = 500  # familiarity: give up memorising after this many epochs
+    scale_input: bool = True  # familiarity: feed sqrt(C) * embedding (unit-size coordinates; memorises ~10x faster)
     stop_loss: float = 0.01  # familiarity: memorised once every label is right and the epoch's mean loss is below
     seed: int = 0  # familiarity: labels, initialisation, batch order
     device: str = "cpu"  # familiarity: where the network trains and runs
@@ -88,7 +89,9 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def nearest_cosine(queries: torch.Tensor, keys: torch.Tensor, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_cosine(
+    queries: torch.Tensor, keys: torch.Tensor, chunk_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, C) x (N, C) unit vectors -> (max cosine (M,), index of the nearest key (M,)), N in chunks."""
     best = torch.full((queries.shape[0],), -math.inf)
     arg = torch.zeros(queries.shape[0], dtype=torch.long)
@@ -155,27 +158,34 @@ class Router:
         """(mask (M,) bool: routed to an edit, nearest edit index (M,), confidence (M,) in [0, 1])."""
         if self.config.threshold is None:
             raise ConfigError(f"router ({self.kind}): no threshold; calibrate it (calibrate_router) or set one")
-        score = self.score(query_emb)
-        _, nearest = self.nearest(query_emb)
+        score, nearest = self._score_and_nearest(query_emb)
         return score > self._score_cut(self.config.threshold), nearest, self._confidence(score)
+
+    def _score_and_nearest(self, query_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.score(query_emb), self.nearest(query_emb)[1]
 
     def _confidence(self, score: torch.Tensor) -> torch.Tensor:
         return score.clamp(0.0, 1.0)
 
     def calibrate(
-        self, positive_emb: torch.Tensor, negative_emb: torch.Tensor, target_recall: float | None = None
+        self,
+        positive_emb: torch.Tensor,
+        negative_emb: torch.Tensor,
+        target_recall: float | None = None,
+        edit_emb: torch.Tensor | None = None,
     ) -> dict:
         """Set the threshold from queries that should route (positives) and should not (negatives).
 
-        Without target_recall: the cut maximising the configured objective of recall (positives
-        routed) and rejection (negatives not routed), in the middle of the best range. With it: the
-        strictest cut that still routes that share of the positives. Returns what was chosen.
+        positive_emb: paraphrases of the fitted edits; negative_emb: unrelated prompts; edit_emb
+        (optional): the fitted edit prompts, which must keep routing too. The cut maximises the
+        configured objective (see ``choose_cut``). Returns what was chosen.
         """
         pos, neg = self.score(positive_emb), self.score(negative_emb)
-        cut, recall, rejection = choose_cut(pos, neg, self.config.objective, target_recall)
+        edit = self.score(edit_emb) if edit_emb is not None else None
+        cut, recall, rejection, edit_recall = choose_cut(pos, neg, self.config.objective, target_recall, edit)
         self.config.threshold = self._threshold_of(cut)
         return {"threshold": self.config.threshold, "recall": recall, "rejection": rejection,
-                "n_positive": int(pos.numel()), "n_negative": int(neg.numel())}
+                "edit_recall": edit_recall, "n_positive": int(pos.numel()), "n_negative": int(neg.numel())}
 
     def confusion(
         self,
@@ -191,10 +201,13 @@ class Router:
         """
         out = {}
         for name, emb in (("edit", edit_query_emb), ("paraphrase", paraphrase_emb), ("unrelated", unrelated_emb)):
-            out[f"{name}_routed"] = float(self.route(emb)[0].float().mean()) if len(emb) else float("nan")
-        if paraphrase_of is not None and len(paraphrase_emb):
-            mask, nearest, _ = self.route(paraphrase_emb)
-            out["paraphrase_routed_right"] = float((mask & (nearest == paraphrase_of.cpu())).float().mean())
+            if not len(emb):
+                out[f"{name}_routed"] = float("nan")
+                continue
+            mask, nearest, _ = self.route(emb)
+            out[f"{name}_routed"] = float(mask.float().mean())
+            if name == "paraphrase" and paraphrase_of is not None:
+                out["paraphrase_routed_right"] = float((mask & (nearest == paraphrase_of.cpu())).float().mean())
         return out
 
     # -- persistence --
@@ -252,6 +265,9 @@ class NearestEditRouter(Router):
     def score(self, query_emb: torch.Tensor) -> torch.Tensor:
         return self.nearest(query_emb)[0]
 
+    def _score_and_nearest(self, query_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.nearest(query_emb)  # one pass: the score is the nearest cosine
+
 
 class FamiliarityNet(nn.Module):
     """Residual MLP (blocks x [Linear(C,4C)-GELU-Linear(4C,C)-Dropout]) then Linear(C,K)."""
@@ -274,6 +290,15 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """(B, K) -> (B,) entropy of the softmax in nats."""
     logp = logits.log_softmax(-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def first_duplicate(emb: torch.Tensor, min_cos: float = 1 - 1e-5, chunk_size: int = 2048) -> torch.Tensor:
+    """(N, C) unit vectors -> (N,) index of the first row equal to each row (itself if none earlier)."""
+    out = torch.empty(emb.shape[0], dtype=torch.long)
+    for s in range(0, emb.shape[0], chunk_size):
+        same = emb[s : s + chunk_size] @ emb.T > min_cos  # (chunk, N); true at least on the diagonal
+        out[s : s + chunk_size] = same.float().argmax(1)  # first true column
+    return out
 
 
 class FamiliarityRouter(Router):
@@ -303,10 +328,11 @@ class FamiliarityRouter(Router):
     def _fit(self, edit_emb: torch.Tensor) -> None:
         cfg = self.config
         g = torch.Generator().manual_seed(cfg.seed)
-        self.labels = torch.randint(cfg.num_labels, (edit_emb.shape[0],), generator=g)
+        # the same prompt twice (equal embeddings up to rounding) gets one label, or it could never be memorised
+        self.labels = torch.randint(cfg.num_labels, (edit_emb.shape[0],), generator=g)[first_duplicate(edit_emb)]
         torch.manual_seed(cfg.seed)  # initialisation and dropout
         self.net = self._new_net(edit_emb.shape[1])
-        x, y = edit_emb.to(cfg.device), self.labels.to(cfg.device)
+        x, y = self._inputs(edit_emb), self.labels.to(cfg.device)
         opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr)
         self.history = []
         self.net.train()
@@ -325,28 +351,37 @@ class FamiliarityRouter(Router):
                 break
         self.net.eval()
 
-    def _memorised(self, x: torch.Tensor, y: torch.Tensor) -> bool:
-        """Eval mode: every label right and the mean loss below stop_loss (leaves train mode on)."""
+    def _inputs(self, emb: torch.Tensor) -> torch.Tensor:
+        """Unit embeddings (M, C) -> network inputs on the device."""
+        x = emb.to(self.config.device)
+        return x * math.sqrt(x.shape[-1]) if self.config.scale_input else x
+
+    def _logits(self, emb: torch.Tensor, inputs: bool = False) -> torch.Tensor:
+        """(M, C) unit embeddings (or network inputs) -> (M, K), eval mode, chunked, no gradients."""
+        x = emb if inputs else self._inputs(emb)
+        was_training = self.net.training
         self.net.eval()
-        with torch.no_grad():
-            logits = torch.cat([self.net(c) for c in x.split(self.config.chunk_size)])
-        self.net.train()
+        try:
+            with torch.no_grad():
+                return torch.cat([self.net(c) for c in x.split(self.config.chunk_size)])
+        finally:
+            self.net.train(was_training)
+
+    def _memorised(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Every label right and the mean loss below stop_loss, in eval mode (x: network inputs)."""
+        logits = self._logits(x, inputs=True)
         return bool((logits.argmax(-1) == y).all()) and float(F.cross_entropy(logits, y)) < self.config.stop_loss
 
     def score(self, query_emb: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
-        q = F.normalize(query_emb.detach().float(), dim=-1).to(self.config.device)
-        if not len(q):
+        if not len(query_emb):
             return torch.zeros(0)
-        with torch.no_grad():
-            return torch.cat([-entropy(self.net(c)).cpu() for c in q.split(self.config.chunk_size)])
+        return -entropy(self._logits(F.normalize(query_emb.detach().float(), dim=-1))).cpu()
 
     @property
     def memorised(self) -> bool:
         """Whether every edit gets its own label back (eval mode)."""
-        with torch.no_grad():
-            logits = torch.cat([self.net(c) for c in self._check_fitted().to(self.config.device).split(self.config.chunk_size)])
-        return bool((logits.argmax(-1).cpu() == self.labels).all())
+        return bool((self._logits(self._check_fitted()).argmax(-1).cpu() == self.labels).all())
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         state = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
@@ -363,40 +398,46 @@ class FamiliarityRouter(Router):
 
 
 def choose_cut(
-    pos: torch.Tensor, neg: torch.Tensor, objective: str = "harmonic", target_recall: float | None = None
-) -> tuple[float, float, float]:
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    objective: str = "harmonic",
+    target_recall: float | None = None,
+    edit: torch.Tensor | None = None,
+) -> tuple[float, float, float, float]:
     """The score cut (routed iff score > cut) separating positive from negative scores.
 
-    Returns (cut, recall, rejection). Candidate cuts lie midway between consecutive distinct
-    scores; among equally good ones the middle one is taken (the widest margin both ways).
+    pos: scores of paraphrases (should route), neg: of unrelated prompts (should not), edit
+    (optional): of the fitted edit prompts themselves (should route). The objective combines
+    paraphrase recall, rejection and (if given) edit recall, as the editing Score combines
+    generality, locality and reliability. With target_recall: the strictest cut that still routes
+    that share of the paraphrases. Candidate cuts lie midway between consecutive distinct scores;
+    among equally good ones the middle one is taken. Returns (cut, recall, rejection, edit recall).
     """
     if pos.numel() == 0 or neg.numel() == 0:
         raise ValueError("calibration needs at least one positive and one negative score")
-    s = torch.cat([pos, neg]).double()
-    y = torch.cat([torch.ones(pos.numel()), torch.zeros(neg.numel())]).double()
-    s, order = s.sort()
-    y = y[order]
-    # cut i routes everything above position i-1: i = 0 (below all) .. n (above all)
-    pos_below = torch.cat([torch.zeros(1, dtype=y.dtype), y.cumsum(0)])
-    neg_below = torch.cat([torch.zeros(1, dtype=y.dtype), (1 - y).cumsum(0)])
-    recall = 1 - pos_below / pos.numel()
-    rejection = neg_below / neg.numel()
-    lo = torch.cat([s[:1] - 1.0, s])  # score just below cut i
-    hi = torch.cat([s, s[-1:] + 1.0])  # score just above cut i
-    valid = hi > lo  # no cut between equal scores
-    valid[0] = valid[-1] = True
+    groups = [pos.double().flatten(), neg.double().flatten()]
+    if edit is not None and edit.numel():
+        groups.append(edit.double().flatten())
+    values = torch.cat(groups).unique()  # sorted
+    cuts = torch.cat([values[:1] - 1.0, (values[1:] + values[:-1]) / 2, values[-1:] + 1.0])
+
+    def share_above(scores: torch.Tensor) -> torch.Tensor:
+        return 1 - torch.searchsorted(scores.sort().values, cuts, right=True) / scores.numel()
+
+    recall, rejection = share_above(groups[0]), 1 - share_above(groups[1])
+    edit_recall = share_above(groups[2]) if len(groups) == 3 else torch.ones_like(recall)
+    parts = torch.stack([recall, rejection, edit_recall])  # (3, cuts)
     if target_recall is not None:
         if not 0 < target_recall <= 1:
             raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
-        value = torch.where(valid & (recall >= target_recall - 1e-12), rejection, torch.full_like(recall, -1.0))
+        value = torch.where(recall >= target_recall - 1e-12, rejection, torch.full_like(recall, -1.0))
     elif objective == "balanced":
-        value = torch.where(valid, (recall + rejection) / 2, torch.full_like(recall, -1.0))
+        value = parts.mean(0)
     else:
-        value = torch.where(valid, 2 * recall * rejection / (recall + rejection).clamp(min=1e-12), torch.full_like(recall, -1.0))
+        value = 3 / (1 / parts.clamp(min=1e-12)).sum(0)
     best = (value >= value.max() - 1e-12).nonzero().flatten()
     i = int(best[len(best) // 2])
-    cut = float((lo[i] + hi[i]) / 2)
-    return cut, float(recall[i]), float(rejection[i])
+    return float(cuts[i]), float(recall[i]), float(rejection[i]), float(edit_recall[i])
 
 
 # ---- calibration on held-out pseudo-edits -----------------------------------------------------
@@ -437,6 +478,7 @@ class Calibration:
     n_unrelated: int
     recall: float  # pseudo-edit paraphrases routed
     rejection: float  # unrelated prompts not routed
+    edit_recall: float  # pseudo-edit prompts themselves routed
     confusion: dict = field(default_factory=dict)
 
 
@@ -468,10 +510,11 @@ def calibrate_router(
     router.fit(encode(fitted))
     para = encode(list(pseudo.paraphrases[:n_probe]))
     unrel = encode(unrelated)
-    chosen = router.calibrate(para, unrel, target_recall)
-    confusion = router.confusion(encode(fitted[:n_probe]), para, unrel, torch.arange(n_probe))
+    probed = encode(fitted[:n_probe])
+    chosen = router.calibrate(para, unrel, target_recall, edit_emb=probed)
+    confusion = router.confusion(probed, para, unrel, torch.arange(n_probe))
     return Calibration(chosen["threshold"], n_edits, n_probe, len(unrelated), chosen["recall"], chosen["rejection"],
-                       confusion)
+                       chosen["edit_recall"], confusion)
 
 
 def build_router(

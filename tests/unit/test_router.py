@@ -24,6 +24,7 @@ from meg.router import (
 )
 
 D = 32
+FAST = {"lr": 3e-3, "batch_size": 64, "blocks": 2}  # a smaller familiarity network: same logic, faster
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,7 @@ def test_nearest_cosine_chunks_agree_with_one_matmul():
 
 def test_familiarity_router_memorises_and_prefers_near_queries():
     edits, paras = clusters(40, seed=0)
-    router = FamiliarityRouter(RouterConfig(kind="familiarity", lr=3e-3, batch_size=64)).fit(edits)
+    router = FamiliarityRouter(RouterConfig(kind="familiarity", **FAST)).fit(edits)
     assert router.memorised
     assert router.history[-1] < router.history[0]
     near, away = router.score(paras), router.score(far(200, seed=1))
@@ -91,27 +92,35 @@ def test_familiarity_router_memorises_and_prefers_near_queries():
 def test_choose_cut_falls_between_separated_scores():
     pos, neg = torch.tensor([0.8, 0.9, 0.95]), torch.tensor([0.1, 0.3, 0.5])
     for objective in ("harmonic", "balanced"):
-        cut, recall, rejection = choose_cut(pos, neg, objective)
-        assert 0.5 < cut < 0.8 and recall == rejection == 1.0
-    cut, recall, rejection = choose_cut(torch.tensor([0.2, 0.9]), neg, target_recall=1.0)
+        cut, recall, rejection, edit_recall = choose_cut(pos, neg, objective)
+        assert 0.5 < cut < 0.8 and recall == rejection == edit_recall == 1.0
+    cut, recall, rejection, _ = choose_cut(torch.tensor([0.2, 0.9]), neg, target_recall=1.0)
     assert cut < 0.2 and recall == 1.0 and rejection == pytest.approx(1 / 3)
 
 
+def test_choose_cut_keeps_the_edit_prompts_routed():
+    pos, neg = torch.tensor([0.4, 0.6, 0.7]), torch.tensor([0.1, 0.2, 0.5])
+    edit = torch.tensor([0.3, 0.9, 0.9, 0.9, 0.9])
+    assert choose_cut(pos, neg)[0] == pytest.approx(0.55)  # paraphrases vs unrelated alone
+    cut, recall, rejection, edit_recall = choose_cut(pos, neg, edit=edit)
+    assert cut == pytest.approx(0.25) and edit_recall == 1.0 and rejection == pytest.approx(2 / 3)
+
+
 def test_choose_cut_never_splits_tied_scores():
-    cut, recall, rejection = choose_cut(torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.0, -1.0]))
+    cut, recall, rejection, _ = choose_cut(torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.0, -1.0]))
     assert cut == pytest.approx(-0.5) and recall == 1.0 and rejection == 0.5
 
 
 @pytest.mark.parametrize("kind", ["nearest", "familiarity"])
 def test_calibrate_router_picks_threshold_between_clusters_and_transfers(kind):
     pseudo, encode = synthetic_pseudo(40, seed=10)
-    config = RouterConfig(kind=kind, lr=3e-3, batch_size=64)
+    config = RouterConfig(kind=kind, **FAST)
     cal = calibrate_router(config, encode, pseudo, n_edits=40)
     assert isinstance(cal, Calibration) and cal.n_edits == 40 and cal.n_probed == 40
     assert set(encode.seen) <= pseudo.texts()
     # the threshold transfers to a different edit set of the same size
     edits, paras = clusters(40, seed=20)
-    router = make_router(RouterConfig(kind=kind, threshold=cal.threshold, lr=3e-3, batch_size=64)).fit(edits)
+    router = make_router(RouterConfig(kind=kind, threshold=cal.threshold, **FAST)).fit(edits)
     conf = router.confusion(edits, paras, far(200, seed=21), torch.arange(40))
     if kind == "nearest":  # isotropic clusters separate perfectly by cosine
         assert cal.recall == cal.rejection == 1.0
@@ -159,7 +168,7 @@ def test_calibration_pads_with_filler_to_the_edit_count():
 @pytest.mark.parametrize("kind", ["nearest", "familiarity"])
 def test_save_load_round_trip(kind, tmp_path):
     edits, paras = clusters(20, seed=0)
-    router = make_router(RouterConfig(kind=kind, threshold=0.5, lr=3e-3, batch_size=64)).fit(edits)
+    router = make_router(RouterConfig(kind=kind, threshold=0.5, **FAST)).fit(edits)
     router.save(tmp_path / "r")
     again = load_router(tmp_path / "r")
     assert type(again) is type(router) and again.config == router.config
@@ -185,3 +194,11 @@ def test_route_needs_fit_and_threshold():
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ConfigError, match=f"'{field}'"):
         RouterConfig(**{field: value})
+
+
+def test_familiarity_gives_repeated_prompts_one_label():
+    edits, _ = clusters(12, seed=0)
+    twice = torch.cat([edits, edits[:4] + 1e-7])  # the same prompts again, embedded in another batch
+    router = FamiliarityRouter(RouterConfig(kind="familiarity", **FAST)).fit(twice)
+    assert torch.equal(router.labels[12:], router.labels[:4])
+    assert router.memorised and len(router.history) < router.config.max_epochs
