@@ -187,8 +187,11 @@ class MegEditor(evaluate.Editor):
         return model
 
 
-def _train_pool(edits: "list[EditRequest]") -> list:
-    """CounterFact train records sharing no key and no text with the edit set."""
+def pseudo_pool(edits: "list[EditRequest]") -> list:
+    """Pseudo-edits: CounterFact *train* records sharing no key and no text with the edit set.
+
+    They train the encoder and calibrate the router; the evaluated edits never enter either.
+    """
     from meg.facts import load_benchmark
 
     keys = {e.content_key for e in edits}
@@ -198,15 +201,26 @@ def _train_pool(edits: "list[EditRequest]") -> list:
             and not ({e.prompt, e.paraphrases[0], e.locality[0].prompt} & texts)]
 
 
-def encoder_for(cfg: MegConfig, pool: list, progress: bool = True):
-    """The query encoder, fine-tuned on pseudo-edits and cached under $MEG_HOME/encoders."""
+def template_bank(cfg: MegConfig, pool: list):
+    """Relation rewordings learned from the pseudo-edits (None when neither fitting nor the generator uses them)."""
+    from meg.augment import TemplateBank
+
+    return TemplateBank.from_records(pool) if cfg.fit.n_variants or cfg.generator_variants else None
+
+
+def encoder_for(cfg: MegConfig, pool: list, progress: bool = True, cache_root: Path | None = None):
+    """The query encoder, fine-tuned on pseudo-edits; cached by config and training pairs.
+
+    The cache lives under ``cache_root`` (default ``$MEG_HOME/encoders``): the encoder does not
+    depend on the edit set, so every build with the same settings reuses it.
+    """
     from meg.encoder import EncoderConfig, QueryEncoder
 
     enc_cfg = EncoderConfig(**{"device": cfg.device, **cfg.encoder})
     train = pool[: cfg.n_pseudo_encoder]
     key = hashlib.sha256(json.dumps({"cfg": asdict(enc_cfg), "pairs": [e.content_key for e in train]},
                                     sort_keys=True).encode()).hexdigest()[:16]
-    cache = lm.meg_home() / "encoders" / key
+    cache = (cache_root or lm.meg_home() / "encoders") / key
     if cache.is_dir():
         try:
             return QueryEncoder.load(cache)
@@ -220,16 +234,63 @@ def encoder_for(cfg: MegConfig, pool: list, progress: bool = True):
     return encoder
 
 
+def calibration_set(cfg: MegConfig, pool: list):
+    """Held-out pseudo-edits for the router threshold: disjoint from the encoder's training pairs."""
+    from meg.router import PseudoEdits
+
+    calib = pool[cfg.n_pseudo_encoder : cfg.n_pseudo_encoder + cfg.n_pseudo_calibration]
+    return PseudoEdits(
+        prompts=tuple(e.prompt for e in calib),
+        paraphrases=tuple(e.paraphrases[0] for e in calib),
+        unrelated=tuple(e.locality[0].prompt for e in calib),
+        filler=tuple(e.prompt for e in pool[: cfg.n_pseudo_encoder]),
+    )
+
+
+def fit_router(cfg: MegConfig, encoder, edits: "list[EditRequest]", pseudo):
+    """(router, calibration) fitted on the edit prompts, threshold chosen on the pseudo-edits; (None, None) when off."""
+    from meg.router import RouterConfig, build_router
+
+    if cfg.router == "off":
+        return None, None
+    rcfg = RouterConfig(kind=cfg.router, device=cfg.device, **cfg.router_options)
+    return build_router(rcfg, encoder.encode, [e.prompt for e in edits], pseudo)
+
+
+def generator_pairs(cfg: MegConfig, edits: "list[EditRequest]", encoder, bank) -> tuple[torch.Tensor, list[int]]:
+    """The generator's conditions (M, C) and, per condition, the index of the edit whose weights it maps to.
+
+    Every edit prompt is a condition; with ``generator_variants`` its rewordings from the template
+    bank are too (they map to the same fitted weights).
+    """
+    cond_texts, rows = [e.prompt for e in edits], list(range(len(edits)))
+    if cfg.generator_variants and bank is not None:
+        for i, e in enumerate(edits):
+            for v in bank.variants(e.prompt, e.subject, cfg.fit.n_variants or 8):
+                cond_texts.append(v)
+                rows.append(i)
+    return encoder.encode(cond_texts), rows
+
+
+def train_generator(cfg: MegConfig, cond: torch.Tensor, weights: torch.Tensor, w0: torch.Tensor,
+                    ckpt_dir: Path | None = None, progress: bool = True, init_from=None):
+    """The diffusion weight generator trained on (condition, fitted weights) pairs."""
+    from meg.generator import GeneratorConfig, WeightGenerator
+
+    generator = WeightGenerator(GeneratorConfig(**{"device": cfg.device, **cfg.generator}))
+    generator.fit(cond, weights, w0, ckpt_dir=ckpt_dir, progress=progress, init_from=init_from)
+    return generator
+
+
 def build(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfig,
           work_dir: Path | None = None, progress: bool = True) -> EditedModel:
-    """Fit, encode, route, generate: the whole MeG build for one edit set."""
-    from meg.augment import TemplateBank
-    from meg.generator import GeneratorConfig, WeightGenerator
-    from meg.router import PseudoEdits, RouterConfig, build_router
+    """Fit, encode, route, generate: the whole MeG build for one edit set, in memory.
 
+    The pipeline stages run the same steps one by one with files in between.
+    """
     timings: dict[str, float] = {}
-    pool = _train_pool(edits)
-    bank = TemplateBank.from_records(pool) if cfg.fit.n_variants or cfg.generator_variants else None
+    pool = pseudo_pool(edits)
+    bank = template_bank(cfg, pool)
 
     t0 = time.time()
     fitted = fit.fit_edits(loaded, edits, cfg.fit, store_dir=work_dir / "fit" if work_dir else None,
@@ -240,34 +301,16 @@ def build(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfig,
     encoder = encoder_for(cfg, pool, progress)
     timings["encoder_seconds"] = time.time() - t0
 
-    prompts = [e.prompt for e in edits]
     t0 = time.time()
-    router, calibration = None, None
-    if cfg.router != "off":
-        calib = pool[cfg.n_pseudo_encoder : cfg.n_pseudo_encoder + cfg.n_pseudo_calibration]
-        pseudo = PseudoEdits(
-            prompts=tuple(e.prompt for e in calib),
-            paraphrases=tuple(e.paraphrases[0] for e in calib),
-            unrelated=tuple(e.locality[0].prompt for e in calib),
-            filler=tuple(e.prompt for e in pool[: cfg.n_pseudo_encoder]),
-        )
-        router, calibration = build_router(RouterConfig(kind=cfg.router, device=cfg.device, **cfg.router_options),
-                                           encoder.encode, prompts, pseudo)
+    router, calibration = fit_router(cfg, encoder, edits, calibration_set(cfg, pool))
     timings["router_seconds"] = time.time() - t0
 
     t0 = time.time()
-    cond_texts, rows = list(prompts), list(range(len(edits)))
-    if cfg.generator_variants and bank is not None:
-        for i, e in enumerate(edits):
-            for v in bank.variants(e.prompt, e.subject, cfg.fit.n_variants or 8):
-                cond_texts.append(v)
-                rows.append(i)
-    cond = encoder.encode(cond_texts)
     generator = None
     if cfg.weights == "generator":
-        generator = WeightGenerator(GeneratorConfig(**{"device": cfg.device, **cfg.generator}))
-        generator.fit(cond, fitted.weights[rows], fitted.w0, ckpt_dir=work_dir / "generator" if work_dir else None,
-                      progress=progress)
+        cond, rows = generator_pairs(cfg, edits, encoder, bank)
+        generator = train_generator(cfg, cond, fitted.weights[rows], fitted.w0,
+                                    ckpt_dir=work_dir / "generator" if work_dir else None, progress=progress)
     timings["generator_seconds"] = time.time() - t0
 
     info = {
