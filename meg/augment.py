@@ -37,11 +37,13 @@ class TemplateBank:
 
     def __init__(self) -> None:
         self._edges: dict[str, Counter] = defaultdict(Counter)
+        self._groups: list[list[str]] | None = None
 
     def link(self, a: str, b: str) -> None:
         if a != b:
             self._edges[a][b] += 1
             self._edges[b][a] += 1
+            self._groups = None
 
     @classmethod
     def from_records(cls, records) -> "TemplateBank":
@@ -64,6 +66,43 @@ class TemplateBank:
     def neighbours(self, template: str) -> list[str]:
         """Rewordings seen with ``template``, most frequent first (ties alphabetical)."""
         return [t for t, _ in sorted(self._edges.get(template, {}).items(), key=lambda kv: (-kv[1], kv[0]))]
+
+    def groups(self) -> list[list[str]]:
+        """Connected groups of interchangeable templates, largest first; templates most frequent first."""
+        if self._groups is None:
+            seen: set[str] = set()
+            groups = []
+            for start in sorted(self._edges):
+                if start in seen:
+                    continue
+                seen.add(start)
+                stack, group = [start], []
+                while stack:
+                    t = stack.pop()
+                    group.append(t)
+                    for u in self._edges[t]:
+                        if u not in seen:
+                            seen.add(u)
+                            stack.append(u)
+                weight = {t: sum(self._edges[t].values()) for t in group}
+                groups.append(sorted(group, key=lambda t: (-weight[t], t)))
+            self._groups = sorted(groups, key=lambda g: (-len(g), g[0]))
+        return self._groups
+
+    def other_relation(self, prompt: str, subject: str | None, index: int) -> str | None:
+        """A question about the same subject from another group of templates (a relation the prompt is not).
+
+        Deterministic in ``index``: the groups other than the prompt's are taken in turn, each by its
+        most frequent template. None without a subject or when the bank has a single group.
+        """
+        if not subject:
+            return None
+        own = template_of(prompt, subject)
+        others = [g for g in self.groups() if own not in g]
+        if not others:
+            return None
+        group = others[index % len(others)]
+        return group[(index // len(others)) % len(group)].replace("{}", subject, 1)
 
     def variants(self, prompt: str, subject: str | None, n: int) -> list[str]:
         """Up to ``n`` rewordings of ``prompt``: its template's most frequent partners, subject filled in."""

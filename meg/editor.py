@@ -79,7 +79,7 @@ class EditedModel(evaluate.EditedLM):
         if self.cfg.router == "off":
             n = len(prompts)
             return emb, torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long), torch.ones(n)
-        mask, nearest, conf = self.router.route(emb)
+        mask, nearest, conf = self.router.route(emb, prompts)
         return emb, mask, nearest, conf
 
     def _weights_for(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +204,7 @@ class MegEditor(evaluate.Editor):
             "timings": model.info.get("timings", {}),
             "fit": model.info.get("fit"),
             "calibration": model.info.get("calibration"),
-            "router_confusion": router_confusion(model, edits),
+            "router_confusion": router_confusion(model, edits, template_bank_of(edits)),
         }
         return model
 
@@ -221,6 +221,13 @@ def pseudo_pool(edits: "list[EditRequest]") -> list:
     return [e for e in load_benchmark("counterfact", "train")
             if e.content_key not in keys and e.paraphrases and e.locality
             and not ({e.prompt, e.paraphrases[0], e.locality[0].prompt} & texts)]
+
+
+def template_bank_of(edits: "list[EditRequest]"):
+    """The template bank of the pseudo-edits that go with this edit set."""
+    from meg.augment import TemplateBank
+
+    return TemplateBank.from_records(pseudo_pool(edits))
 
 
 def template_bank(cfg: MegConfig, pool: list):
@@ -256,16 +263,27 @@ def encoder_for(cfg: MegConfig, pool: list, progress: bool = True, cache_root: P
     return encoder
 
 
-def calibration_set(cfg: MegConfig, pool: list):
-    """Held-out pseudo-edits for the router threshold: disjoint from the encoder's training pairs."""
+def calibration_set(cfg: MegConfig, pool: list, bank=None):
+    """Held-out pseudo-edits for the router threshold: disjoint from the encoder's training pairs.
+
+    Positives are their paraphrases; negatives their locality prompts (same relation, another
+    subject) and, from the template bank, questions about the same subject on another relation.
+    """
+    from meg.augment import TemplateBank
     from meg.router import PseudoEdits
 
+    bank = bank or TemplateBank.from_records(pool)
     calib = pool[cfg.n_pseudo_encoder : cfg.n_pseudo_encoder + cfg.n_pseudo_calibration]
+    filler = pool[: cfg.n_pseudo_encoder]
+    same = [bank.other_relation(e.prompt, e.subject, i) for i, e in enumerate(calib)]
     return PseudoEdits(
         prompts=tuple(e.prompt for e in calib),
         paraphrases=tuple(e.paraphrases[0] for e in calib),
         unrelated=tuple(e.locality[0].prompt for e in calib),
-        filler=tuple(e.prompt for e in pool[: cfg.n_pseudo_encoder]),
+        filler=tuple(e.prompt for e in filler),
+        subjects=tuple(e.subject for e in calib),
+        filler_subjects=tuple(e.subject for e in filler),
+        same_subject=tuple(q for q in same if q),
     )
 
 
@@ -276,7 +294,7 @@ def fit_router(cfg: MegConfig, encoder, edits: "list[EditRequest]", pseudo):
     if cfg.router == "off":
         return None, None
     rcfg = RouterConfig(kind=cfg.router, device=cfg.device, **cfg.router_options)
-    return build_router(rcfg, encoder.encode, [e.prompt for e in edits], pseudo)
+    return build_router(rcfg, encoder.encode, [e.prompt for e in edits], pseudo, [e.subject for e in edits])
 
 
 def generator_pairs(cfg: MegConfig, edits: "list[EditRequest]", encoder, bank) -> tuple[torch.Tensor, list[int]]:
@@ -324,7 +342,7 @@ def build(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfig,
     timings["encoder_seconds"] = time.time() - t0
 
     t0 = time.time()
-    router, calibration = fit_router(cfg, encoder, edits, calibration_set(cfg, pool))
+    router, calibration = fit_router(cfg, encoder, edits, calibration_set(cfg, pool, bank))
     timings["router_seconds"] = time.time() - t0
 
     t0 = time.time()
@@ -347,21 +365,28 @@ def build(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfig,
                        lookup=lookup, info=info)
 
 
-def router_confusion(model: EditedModel, edits: "list[EditRequest]") -> dict[str, float]:
-    """Share of edit prompts, paraphrases and locality prompts routed (report only, never tuned on)."""
+def router_confusion(model: EditedModel, edits: "list[EditRequest]", bank=None) -> dict[str, float]:
+    """Share of edit prompts, paraphrases and locality prompts routed (report only, never tuned on).
+
+    With a template bank, also the share of questions about an edit's subject on another relation
+    (which should not be routed) and of those routed that went to that edit.
+    """
     out: dict[str, float] = {}
     groups = {
-        "prompt": [e.prompt for e in edits],
-        "paraphrase": [e.paraphrases[0] for e in edits if e.paraphrases],
-        "locality": [e.locality[0].prompt for e in edits if e.locality],
+        "prompt": [(i, e.prompt) for i, e in enumerate(edits)],
+        "paraphrase": [(i, e.paraphrases[0]) for i, e in enumerate(edits) if e.paraphrases],
+        "locality": [(i, e.locality[0].prompt) for i, e in enumerate(edits) if e.locality],
     }
-    for name, texts in groups.items():
-        if not texts:
+    if bank is not None:
+        same = [(i, bank.other_relation(e.prompt, e.subject, i)) for i, e in enumerate(edits)]
+        groups["same_subject"] = [(i, q) for i, q in same if q]
+    for name, pairs in groups.items():
+        if not pairs:
             continue
-        _, mask, nearest, _ = model.route(texts)
+        own = torch.tensor([i for i, _ in pairs])
+        _, mask, nearest, _ = model.route([q for _, q in pairs])
         out[f"router_{name}_routed"] = 100.0 * float(mask.float().mean())
-        if name != "locality":
-            own = torch.tensor([i for i, e in enumerate(edits) if name == "prompt" or e.paraphrases])
+        if name in ("prompt", "paraphrase"):
             out[f"router_{name}_right_edit"] = 100.0 * float((mask & (nearest == own)).float().mean())
     return out
 

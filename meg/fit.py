@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 class FitConfig:
     layer: int | None = None  # layer whose FFN gets the neuron; None = the model's registered default
     act: str = "identity"  # neuron activation: "identity" (bilinear neuron) or "ffn" (the FFN's own)
-    optimizer: str = "sgd"  # "sgd" (transfers better to paraphrases) or "adam" (fewer steps)
+    optimizer: str = "sgd"  # "sgd", "nesterov" (SGD with Nesterov momentum) or "adam" (fewer steps, transfers worse)
+    momentum: float = 0.9  # momentum of "nesterov"
     lr: float = 2.0  # step size; SGD needs a large one because the initial neuron is near zero
     max_steps: int = 60  # cap on optimisation steps per edit
     stop: str = "success"  # "success": stop at the first greedy success; "margin": also need CE < margin_ce
@@ -64,7 +65,8 @@ class FitConfig:
     def __post_init__(self) -> None:
         checks = {
             "act": self.act in neuron.ACTIVATIONS,
-            "optimizer": self.optimizer in ("sgd", "adam"),
+            "optimizer": self.optimizer in ("sgd", "nesterov", "adam"),
+            "momentum": 0 <= self.momentum < 1,
             "lr": self.lr > 0,
             "max_steps": self.max_steps >= 1,
             "stop": self.stop in ("success", "margin"),
@@ -342,6 +344,9 @@ def _fit_chunk(model, layer, batch, edit_of_row, n_edits, w0, cfg):
             with torch.no_grad():
                 if cfg.optimizer == "adam":
                     _adam_step(w, grad, state, cfg.lr, rows)
+                elif cfg.optimizer == "nesterov":
+                    state["m"][rows] = cfg.momentum * state["m"][rows] + grad
+                    w[rows] -= cfg.lr * (grad + cfg.momentum * state["m"][rows])
                 else:
                     w[rows] -= cfg.lr * grad
             steps[rows] += 1

@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from meg.errors import BundleError, ConfigError
+from meg.subject_gate import SubjectIndex
 
 ROUTERS = ("nearest", "familiarity")
+NO_MATCH = -1e4  # score of a query the subject gate rejects: below every cosine and every -entropy
 OBJECTIVES = ("harmonic", "balanced")
 CONFIG_FILE, WEIGHTS_FILE = "router.json", "router.safetensors"
 
@@ -44,6 +46,7 @@ class RouterConfig:
     kind: str = "nearest"  # "nearest" (cosine to the nearest edit) or "familiarity" (the paper's network)
     threshold: float | None = None  # familiarity: route if entropy < threshold; nearest: if cosine > threshold
     objective: str = "harmonic"  # calibration: harmonic or plain mean of paraphrase/edit recall and rejection
+    subject_gate: bool = False  # route a query only to edits whose subject it names (subjectless edits: embedding only)
     chunk_size: int = 4096  # edit embeddings per similarity matmul (memory bound for large edit sets)
     num_labels: int = 10  # familiarity: K random labels
     blocks: int = 5  # familiarity: residual blocks Linear(C,4C)-GELU-Linear(4C,C)-Dropout
@@ -62,6 +65,8 @@ class RouterConfig:
 
         if self.kind not in ROUTERS:
             raise bad("kind", " | ".join(ROUTERS))
+        if not isinstance(self.subject_gate, bool):
+            raise bad("subject_gate", "true or false")
         if self.objective not in OBJECTIVES:
             raise bad("objective", " | ".join(OBJECTIVES))
         if self.threshold is not None and (not _is_number(self.threshold) or not math.isfinite(self.threshold)):
@@ -114,6 +119,8 @@ class Router:
         if self.config.kind != self.kind:
             raise ConfigError(f"router: config of kind {self.config.kind!r} given to a {self.kind!r} router")
         self.edit_emb: torch.Tensor | None = None  # (N, C) unit vectors of the edit prompts
+        self.subjects: list[str | None] | None = None  # subject of every edit, when known
+        self._gate: SubjectIndex | None = None  # built from the subjects when config.subject_gate
 
     # -- to implement: score, and the map between score and threshold units --
 
@@ -136,13 +143,22 @@ class Router:
     def n_edits(self) -> int:
         return 0 if self.edit_emb is None else int(self.edit_emb.shape[0])
 
-    def fit(self, edit_emb: torch.Tensor) -> "Router":
-        """Fit on the (N, C) embeddings of the edit prompts (and nothing else)."""
+    def fit(self, edit_emb: torch.Tensor, subjects: Sequence[str | None] | None = None) -> "Router":
+        """Fit on the (N, C) embeddings of the edit prompts (and nothing else) and their subjects."""
         if edit_emb.ndim != 2 or edit_emb.shape[0] < 1:
             raise ValueError(f"router.fit: expected (N, C) edit embeddings with N >= 1, got {tuple(edit_emb.shape)}")
+        if subjects is not None and len(subjects) != edit_emb.shape[0]:
+            raise ValueError(f"router.fit: {len(subjects)} subjects for {edit_emb.shape[0]} edits")
+        if self.config.subject_gate and subjects is None:
+            raise ConfigError("router: 'subject_gate' needs the subject of every edit (None where unknown)")
         self.edit_emb = F.normalize(edit_emb.detach().float().cpu(), dim=-1)
+        self._set_subjects(subjects)
         self._fit(self.edit_emb)
         return self
+
+    def _set_subjects(self, subjects: Sequence[str | None] | None) -> None:
+        self.subjects = list(subjects) if subjects is not None else None
+        self._gate = SubjectIndex(self.subjects) if self.config.subject_gate and self.subjects is not None else None
 
     def _check_fitted(self) -> torch.Tensor:
         if self.edit_emb is None:
@@ -154,15 +170,52 @@ class Router:
         q = F.normalize(query_emb.detach().float().cpu(), dim=-1)
         return nearest_cosine(q, self._check_fitted(), self.config.chunk_size)
 
-    def route(self, query_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mask (M,) bool: routed to an edit, nearest edit index (M,), confidence (M,) in [0, 1])."""
+    def route(
+        self, query_emb: torch.Tensor, texts: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mask (M,) bool: routed to an edit, nearest edit index (M,), confidence (M,) in [0, 1]).
+
+        ``texts`` are the queries themselves, needed by the subject gate.
+        """
         if self.config.threshold is None:
             raise ConfigError(f"router ({self.kind}): no threshold; calibrate it (calibrate_router) or set one")
-        score, nearest = self._score_and_nearest(query_emb)
+        score, nearest = self.scores(query_emb, texts)
         return score > self._score_cut(self.config.threshold), nearest, self._confidence(score)
 
     def _score_and_nearest(self, query_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.score(query_emb), self.nearest(query_emb)[1]
+
+    def scores(self, query_emb: torch.Tensor, texts: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score (M,), nearest edit (M,)), after the subject gate when it is on.
+
+        With the gate, the nearest edit is the most similar among the edits the query names (and
+        the subjectless ones); a query that names none scores ``NO_MATCH`` and is never routed.
+        """
+        score, nearest = self._score_and_nearest(query_emb)
+        if self._gate is None:
+            return score, nearest
+        if texts is None or len(texts) != query_emb.shape[0]:
+            raise ConfigError("router: the subject gate needs the text of every query")
+        q = F.normalize(query_emb.detach().float().cpu(), dim=-1)
+        emb = self._check_fitted()
+        best = torch.full((q.shape[0],), -math.inf)
+        arg = nearest.clone()
+        if self._gate.free:
+            free = torch.tensor(self._gate.free)
+            best, local = nearest_cosine(q, emb[free], self.config.chunk_size)
+            arg = free[local]
+        for m, text in enumerate(texts):
+            cands = self._gate.matches(text)
+            if cands:
+                sims = emb[cands] @ q[m]  # (K,)
+                j = int(sims.argmax())
+                if sims[j] > best[m]:
+                    best[m], arg[m] = sims[j], cands[j]
+        named = best > -math.inf
+        return self._gated_score(score, best, named), torch.where(named, arg, nearest)
+
+    def _gated_score(self, score: torch.Tensor, best_cos: torch.Tensor, named: torch.Tensor) -> torch.Tensor:
+        return torch.where(named, score, torch.full_like(score, NO_MATCH))
 
     def _confidence(self, score: torch.Tensor) -> torch.Tensor:
         return score.clamp(0.0, 1.0)
@@ -173,15 +226,19 @@ class Router:
         negative_emb: torch.Tensor,
         target_recall: float | None = None,
         edit_emb: torch.Tensor | None = None,
+        positive_texts: Sequence[str] | None = None,
+        negative_texts: Sequence[str] | None = None,
+        edit_texts: Sequence[str] | None = None,
     ) -> dict:
         """Set the threshold from queries that should route (positives) and should not (negatives).
 
         positive_emb: paraphrases of the fitted edits; negative_emb: unrelated prompts; edit_emb
-        (optional): the fitted edit prompts, which must keep routing too. The cut maximises the
-        configured objective (see ``choose_cut``). Returns what was chosen.
+        (optional): the fitted edit prompts, which must keep routing too; the texts go with them
+        (the subject gate needs them). The cut maximises the configured objective (see
+        ``choose_cut``). Returns what was chosen.
         """
-        pos, neg = self.score(positive_emb), self.score(negative_emb)
-        edit = self.score(edit_emb) if edit_emb is not None else None
+        pos, neg = self.scores(positive_emb, positive_texts)[0], self.scores(negative_emb, negative_texts)[0]
+        edit = self.scores(edit_emb, edit_texts)[0] if edit_emb is not None else None
         cut, recall, rejection, edit_recall = choose_cut(pos, neg, self.config.objective, target_recall, edit)
         self.config.threshold = self._threshold_of(cut)
         return {"threshold": self.config.threshold, "recall": recall, "rejection": rejection,
@@ -193,18 +250,21 @@ class Router:
         paraphrase_emb: torch.Tensor,
         unrelated_emb: torch.Tensor,
         paraphrase_of: torch.Tensor | None = None,
+        texts: dict[str, Sequence[str]] | None = None,
     ) -> dict[str, float]:
         """Share routed of edit prompts, paraphrases and unrelated prompts (0-1).
 
         paraphrase_of (P,) gives the edit index each paraphrase rephrases; then also the share of
-        paraphrases routed *and* nearest to their own edit.
+        paraphrases routed *and* nearest to their own edit. ``texts`` maps "edit", "paraphrase" and
+        "unrelated" to the query texts (for the subject gate).
         """
+        texts = texts or {}
         out = {}
         for name, emb in (("edit", edit_query_emb), ("paraphrase", paraphrase_emb), ("unrelated", unrelated_emb)):
             if not len(emb):
                 out[f"{name}_routed"] = float("nan")
                 continue
-            mask, nearest, _ = self.route(emb)
+            mask, nearest, _ = self.route(emb, texts.get(name))
             out[f"{name}_routed"] = float(mask.float().mean())
             if name == "paraphrase" and paraphrase_of is not None:
                 out["paraphrase_routed_right"] = float((mask & (nearest == paraphrase_of.cpu())).float().mean())
@@ -225,7 +285,8 @@ class Router:
         out.mkdir(parents=True, exist_ok=True)
         tensors = {"edit_emb": self._check_fitted().contiguous(), **self._tensors()}
         save_file(tensors, str(out / WEIGHTS_FILE))
-        (out / CONFIG_FILE).write_text(json.dumps({"config": asdict(self.config), "n_edits": self.n_edits}, indent=2))
+        meta = {"config": asdict(self.config), "n_edits": self.n_edits, "subjects": self.subjects}
+        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         return out
 
 
@@ -246,6 +307,10 @@ def load_router(in_dir: str | Path, device: str | None = None) -> Router:
     router.edit_emb = tensors.pop("edit_emb")
     if router.n_edits != meta.get("n_edits"):
         raise BundleError(f"{src}: holds {router.n_edits} edit embeddings, {CONFIG_FILE} says {meta.get('n_edits')}")
+    subjects = meta.get("subjects")
+    if (subjects is not None and len(subjects) != router.n_edits) or (config.subject_gate and subjects is None):
+        raise BundleError(f"{src}: {CONFIG_FILE} does not list a subject for every edit")
+    router._set_subjects(subjects)
     router._load_tensors(tensors)
     return router
 
@@ -267,6 +332,9 @@ class NearestEditRouter(Router):
 
     def _score_and_nearest(self, query_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.nearest(query_emb)  # one pass: the score is the nearest cosine
+
+    def _gated_score(self, score: torch.Tensor, best_cos: torch.Tensor, named: torch.Tensor) -> torch.Tensor:
+        return torch.where(named, best_cos, torch.full_like(score, NO_MATCH))  # cosine to the nearest named edit
 
 
 class FamiliarityNet(nn.Module):
@@ -449,23 +517,45 @@ class PseudoEdits:
 
     prompts[i] is a pseudo-edit prompt and paraphrases[i] one of its paraphrases (the positives);
     unrelated are prompts of none of them (the negatives; e.g. same-relation prompts about other
-    subjects). filler prompts only pad the fitted set up to the real edit count (their paraphrases
-    are not probed, e.g. because the encoder was trained on them).
+    subjects); same_subject are negatives that name a probed pseudo-edit's subject but ask about
+    another relation (a query the edit must not answer). filler prompts only pad the fitted set up
+    to the real edit count (their paraphrases are not probed, e.g. because the encoder was trained
+    on them). subjects / filler_subjects give the subject of each prompt / filler prompt (empty:
+    unknown).
     """
 
     prompts: tuple[str, ...]
     paraphrases: tuple[str, ...]
     unrelated: tuple[str, ...]
     filler: tuple[str, ...] = field(default=())
+    subjects: tuple[str | None, ...] = field(default=())
+    filler_subjects: tuple[str | None, ...] = field(default=())
+    same_subject: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if len(self.prompts) != len(self.paraphrases):
             raise ConfigError("pseudo-edits: one paraphrase per prompt expected")
         if not self.prompts or not self.unrelated:
             raise ConfigError("pseudo-edits: need at least one prompt with a paraphrase and one unrelated prompt")
+        if self.subjects and len(self.subjects) != len(self.prompts):
+            raise ConfigError("pseudo-edits: one subject per prompt expected")
+        if self.filler_subjects and len(self.filler_subjects) != len(self.filler):
+            raise ConfigError("pseudo-edits: one subject per filler prompt expected")
 
     def texts(self) -> set[str]:
-        return set(self.prompts) | set(self.paraphrases) | set(self.unrelated) | set(self.filler)
+        return (set(self.prompts) | set(self.paraphrases) | set(self.unrelated) | set(self.filler)
+                | set(self.same_subject))
+
+    def fitted(self, n_edits: int) -> tuple[list[str], list[str | None] | None, int]:
+        """(prompts, their subjects or None, how many are probed) of a pseudo edit set of n_edits."""
+        n_probe = min(n_edits, len(self.prompts))
+        prompts = list(self.prompts[:n_probe]) + list(self.filler[: n_edits - n_probe])
+        if len(prompts) < n_edits:
+            raise ConfigError(f"pseudo-edits: {len(prompts)} prompts, but the router must be calibrated at {n_edits}")
+        subjects = None
+        if self.subjects and (self.filler_subjects or n_probe == n_edits):
+            subjects = list(self.subjects[:n_probe]) + list(self.filler_subjects[: n_edits - n_probe])
+        return prompts, subjects, n_probe
 
 
 @dataclass
@@ -475,9 +565,9 @@ class Calibration:
     threshold: float
     n_edits: int  # pseudo-edits fitted (= the real edit count)
     n_probed: int  # of them, how many had their paraphrase probed
-    n_unrelated: int
+    n_unrelated: int  # negatives: unrelated prompts plus same-subject prompts of other relations
     recall: float  # pseudo-edit paraphrases routed
-    rejection: float  # unrelated prompts not routed
+    rejection: float  # negatives not routed
     edit_recall: float  # pseudo-edit prompts themselves routed
     confusion: dict = field(default_factory=dict)
 
@@ -493,27 +583,32 @@ def calibrate_router(
     """Choose the threshold of a router of this config for an edit set of n_edits facts.
 
     A fresh router is fitted on n_edits pseudo-edit prompts (probed ones first, then filler), and
-    its threshold is chosen to separate the probed pseudo-edits' paraphrases from the unrelated
-    prompts. ``exclude`` (the real edit prompts) guards against a pseudo-edit set that overlaps the
-    edit set. Evaluation paraphrases and locality prompts have no way in.
+    its threshold is chosen to separate the probed pseudo-edits' paraphrases from the negatives
+    (unrelated prompts and same-subject prompts of other relations). ``exclude`` (the real edit
+    prompts) guards against a pseudo-edit set that overlaps the edit set. Evaluation paraphrases and
+    locality prompts have no way in.
     """
     overlap = pseudo.texts() & set(exclude)
     if overlap:
         raise ConfigError(f"pseudo-edits overlap the edit set ({len(overlap)} texts, e.g. {sorted(overlap)[0]!r})")
-    n_probe = min(n_edits, len(pseudo.prompts))
-    fitted = list(pseudo.prompts[:n_probe]) + list(pseudo.filler[: n_edits - n_probe])
-    if len(fitted) < n_edits:
-        raise ConfigError(f"pseudo-edits: {len(fitted)} prompts, but the router must be calibrated at {n_edits}")
+    fitted, subjects, n_probe = pseudo.fitted(n_edits)
+    if config.subject_gate and subjects is None:
+        raise ConfigError("router: 'subject_gate' calibration needs pseudo-edits with subjects")
     fitted_set = set(fitted)
     unrelated = [u for u in dict.fromkeys(pseudo.unrelated) if u not in fitted_set]
+    same = [u for u in dict.fromkeys(pseudo.same_subject) if u not in fitted_set]
+    negatives = unrelated + same
     router = make_router(replace(config, threshold=None))
-    router.fit(encode(fitted))
-    para = encode(list(pseudo.paraphrases[:n_probe]))
-    unrel = encode(unrelated)
-    probed = encode(fitted[:n_probe])
-    chosen = router.calibrate(para, unrel, target_recall, edit_emb=probed)
-    confusion = router.confusion(probed, para, unrel, torch.arange(n_probe))
-    return Calibration(chosen["threshold"], n_edits, n_probe, len(unrelated), chosen["recall"], chosen["rejection"],
+    router.fit(encode(fitted), subjects)
+    paras = list(pseudo.paraphrases[:n_probe])
+    para, neg, probed = encode(paras), encode(negatives), encode(fitted[:n_probe])
+    chosen = router.calibrate(para, neg, target_recall, edit_emb=probed, positive_texts=paras,
+                              negative_texts=negatives, edit_texts=fitted[:n_probe])
+    confusion = router.confusion(probed, para, encode(unrelated), torch.arange(n_probe),
+                                 texts={"edit": fitted[:n_probe], "paraphrase": paras, "unrelated": unrelated})
+    if same:
+        confusion["same_subject_routed"] = float(router.route(encode(same), same)[0].float().mean())
+    return Calibration(chosen["threshold"], n_edits, n_probe, len(negatives), chosen["recall"], chosen["rejection"],
                        chosen["edit_recall"], confusion)
 
 
@@ -522,6 +617,7 @@ def build_router(
     encode: Callable[[list[str]], torch.Tensor],
     edit_prompts: Sequence[str],
     pseudo: PseudoEdits | None = None,
+    edit_subjects: Sequence[str | None] | None = None,
 ) -> tuple[Router, Calibration | None]:
     """Fit a router on the edit prompts; threshold from ``calibrate_router`` unless config sets one."""
     calibration = None
@@ -530,5 +626,5 @@ def build_router(
             raise ConfigError("router: no threshold set and no pseudo-edits to calibrate it on")
         calibration = calibrate_router(config, encode, pseudo, len(edit_prompts), exclude=edit_prompts)
         config = replace(config, threshold=calibration.threshold)
-    router = make_router(replace(config)).fit(encode(list(edit_prompts)))
+    router = make_router(replace(config)).fit(encode(list(edit_prompts)), edit_subjects)
     return router, calibration

@@ -134,7 +134,8 @@ def test_calibrate_router_picks_threshold_between_clusters_and_transfers(kind):
 def test_calibration_api_takes_only_pseudo_edit_data():
     assert list(inspect.signature(calibrate_router).parameters) == [
         "config", "encode", "pseudo", "n_edits", "exclude", "target_recall"]
-    assert list(inspect.signature(build_router).parameters) == ["config", "encode", "edit_prompts", "pseudo"]
+    assert list(inspect.signature(build_router).parameters) == [
+        "config", "encode", "edit_prompts", "pseudo", "edit_subjects"]
     pseudo, encode = synthetic_pseudo(10, seed=0)
     with pytest.raises(ConfigError, match="overlap the edit set"):
         calibrate_router(RouterConfig(), encode, pseudo, 10, exclude=["p3"])
@@ -202,3 +203,64 @@ def test_familiarity_gives_repeated_prompts_one_label():
     router = FamiliarityRouter(RouterConfig(kind="familiarity", **FAST)).fit(twice)
     assert torch.equal(router.labels[12:], router.labels[:4])
     assert router.memorised and len(router.history) < router.config.max_epochs
+
+
+def test_subject_index_matches_whole_words_case_and_punctuation_free():
+    from meg.subject_gate import SubjectIndex
+
+    index = SubjectIndex(["Lyon", "Danielle Darrieux", None, "Paul", "danielle darrieux", ""])
+    assert index.free == [2, 5]
+    assert index.matches("People in Lyon's twin city speak") == [0]
+    assert index.matches("Where DANIELLE  Darrieux is from") == [1, 4]
+    assert index.matches("Pauline and Lyonnais are not named") == []
+    assert index.matches("Paul, Lyon") == [0, 3]
+
+
+def gated_setup():
+    """Three edits with subjects A, B and none; unit vectors e0, e1, e2."""
+    emb = torch.eye(3, 8)
+    config = RouterConfig(kind="nearest", threshold=0.5, subject_gate=True)
+    return make_router(config).fit(emb, ["Alpha Corp", "Beta", None]), emb
+
+
+def test_subject_gate_routes_only_to_named_edits():
+    router, emb = gated_setup()
+    near_e0 = F.normalize(emb[0] + 0.3 * emb[1], dim=0)
+    q = torch.stack([near_e0, near_e0, near_e0, emb[2]])
+    texts = ["what does Alpha Corp make", "what does beta make", "what does gamma make", "anything at all"]
+    mask, nearest, _ = router.route(q, texts)
+    assert mask.tolist() == [True, False, False, True]  # Beta is named but too far; gamma names nothing
+    assert nearest[0] == 0 and nearest[3] == 2
+    ungated = make_router(RouterConfig(kind="nearest", threshold=0.5)).fit(emb)
+    assert ungated.route(q)[0].tolist() == [True, True, True, True]  # without the gate all four route
+    with pytest.raises(ConfigError, match="text of every query"):
+        router.route(q)
+
+
+def test_subject_gate_needs_subjects_and_survives_save_load(tmp_path):
+    with pytest.raises(ConfigError, match="subject of every edit"):
+        make_router(RouterConfig(kind="nearest", subject_gate=True)).fit(torch.eye(2, 4))
+    router, emb = gated_setup()
+    router.save(tmp_path / "r")
+    again = load_router(tmp_path / "r")
+    q, texts = torch.stack([emb[0], emb[1]]), ["Alpha Corp?", "nobody"]
+    assert again.subjects == ["Alpha Corp", "Beta", None]
+    assert torch.equal(again.route(q, texts)[0], router.route(q, texts)[0])
+
+
+def test_calibration_with_the_gate_rejects_same_subject_other_relation():
+    """Negatives naming a pseudo-edit's subject keep the threshold above 'any query naming it'."""
+    n = 30
+    edits, paras = clusters(n, seed=3)
+    others, unrelated = far(n, seed=4), far(3 * n, seed=5)
+    table = {f"p{i} subj{i}": edits[i] for i in range(n)} | {f"q{i} subj{i}": paras[i] for i in range(n)}
+    table |= {f"s{i} subj{i}": others[i] for i in range(n)} | {f"u{i}": unrelated[i] for i in range(3 * n)}
+    pseudo = PseudoEdits(
+        prompts=tuple(f"p{i} subj{i}" for i in range(n)), paraphrases=tuple(f"q{i} subj{i}" for i in range(n)),
+        unrelated=tuple(f"u{i}" for i in range(3 * n)), subjects=tuple(f"subj{i}" for i in range(n)),
+        same_subject=tuple(f"s{i} subj{i}" for i in range(n)),
+    )
+    cal = calibrate_router(RouterConfig(kind="nearest", subject_gate=True), TableEncoder(table), pseudo, n_edits=n)
+    assert cal.recall == 1.0 and cal.n_unrelated == 4 * n
+    assert cal.confusion["unrelated_routed"] == 0.0 and cal.confusion["same_subject_routed"] < 0.1
+    assert cal.threshold > 0.3  # not "route whatever names a subject"

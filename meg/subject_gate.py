@@ -1,0 +1,48 @@
+"""Which edits does a query name? A word-level index of the edits' subjects.
+
+An edit request usually names the entity it is about ("Danielle Darrieux"). A query that does not
+mention that entity should not be answered from that edit, however similar its wording ("Michel
+Rocard is a native speaker of"). ``SubjectIndex.matches(text)`` returns the edits whose subject
+occurs in the text as a run of whole words, compared case-folded with punctuation treated as a word
+break (so "Lyon's twin city" names "Lyon"). Edits without a subject match nothing here; the router
+treats them by embedding alone.
+
+Lookup is by word n-grams of the query (n up to the longest subject), so it costs the same for ten
+edits or ten thousand.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+_BREAK = re.compile(r"[^\w]+")
+
+
+def words(text: str) -> list[str]:
+    """Case-folded words, punctuation and whitespace as separators."""
+    return _BREAK.sub(" ", text.casefold()).split()
+
+
+class SubjectIndex:
+    def __init__(self, subjects: Sequence[str | None]):
+        self.n = len(subjects)
+        self.free: list[int] = []  # edits without a usable subject
+        self._by_phrase: dict[str, list[int]] = {}
+        self.max_words = 0
+        for i, subject in enumerate(subjects):
+            ws = words(subject) if subject else []
+            if not ws:
+                self.free.append(i)
+                continue
+            self._by_phrase.setdefault(" ".join(ws), []).append(i)
+            self.max_words = max(self.max_words, len(ws))
+
+    def matches(self, text: str) -> list[int]:
+        """Indices of the edits whose subject the text names, ascending."""
+        ws = words(text)
+        found: set[int] = set()
+        for n in range(1, min(self.max_words, len(ws)) + 1):
+            for start in range(len(ws) - n + 1):
+                found.update(self._by_phrase.get(" ".join(ws[start : start + n]), ()))
+        return sorted(found)
