@@ -2,10 +2,18 @@
 
     python -m bench.quality --dataset counterfact --n-edits 256 --methods none,ft --out OUT.json
     python -m bench.quality --facts my_facts.jsonl --methods none,ft,meg --out OUT.json
+    python -m bench.quality --dataset counterfact --n-edits 1000 --methods meg --work-dir /tmp/w \\
+        --variant meg-mlp:generator.denoiser=mlp --variant meg-frozen:encoder.trainable=none --out OUT.json
 
 Edits are applied as one batch, then every edit is evaluated (protocol: meg.evaluate). Writes
-OUT.json ({"model", "dataset", "n_edits", "methods": {NAME: metrics}}, percentages 0-100), the
-per-edit outputs beside it (OUT.records.jsonl), and prints a table.
+OUT.json ({"model", "dataset", "n_edits", "methods": {NAME: metrics}, "details": {NAME: ...}},
+percentages 0-100), the per-edit outputs beside it (OUT.records.jsonl), and prints a table.
+
+MeG settings: ``--set KEY=VALUE`` changes the ``meg`` method (dotted keys of meg.editor.MegConfig,
+e.g. ``fit.layer=28``, ``router=familiarity``, ``router_options.subject_gate=true``,
+``generator.sample_steps=10``); ``--variant NAME:KEY=VALUE,KEY=VALUE`` adds a MeG method with those
+changes on top. ``--work-dir`` keeps fitted weights and generator checkpoints between runs, so
+variants that share them (and reruns) do not recompute them.
 """
 
 from __future__ import annotations
@@ -19,7 +27,25 @@ import torch
 
 from meg import facts, lm
 from meg.benchmark import run_methods
-from meg.editors import EDITORS
+from meg.editors import EDITORS, make_editor
+
+
+def _value(text: str):
+    """A setting's value: JSON where it parses (numbers, true/false, null, lists), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _pairs(text: str, what: str) -> dict:
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"{what}: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = _value(value.strip())
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,17 +55,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--facts", type=Path, help="any fact file the readers accept")
     p.add_argument("--n-edits", type=int, default=256, help="the first N edits of the set")
     p.add_argument("--methods", default="none,ft", help=f"comma-separated, from {','.join(EDITORS)}")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="an extra MeG method with these settings changed (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting of the meg method")
+    p.add_argument("--work-dir", type=Path, default=None, help="keep MeG's fitted weights and checkpoints here")
     p.add_argument("--model", default=lm.DEFAULT_MODEL)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    for m in args.methods.split(","):
+    for m in filter(None, args.methods.split(",")):
         if m not in EDITORS:
             p.error(f"unknown method {m!r}; choose from {', '.join(EDITORS)}")
     if args.n_edits < 1:
         p.error("--n-edits must be >= 1")
+    try:
+        args.meg_settings = _pairs(",".join(args.set), "--set")
+        args.variants = {}
+        for v in args.variant:
+            name, sep, settings = v.partition(":")
+            if not sep or not name or name in EDITORS or name in args.variants:
+                p.error(f"--variant {v!r}: expected a new NAME:KEY=VALUE,...")
+            args.variants[name] = _pairs(settings, f"--variant {name}")
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
     return args
+
+
+def editor_factory(args: argparse.Namespace):
+    from meg.editor import MegConfig, MegEditor, with_overrides
+
+    base = with_overrides(MegConfig(), args.meg_settings)
+
+    def make(name: str):
+        if name == "meg" or name in args.variants:
+            cfg = with_overrides(base, args.variants.get(name, {}))
+            return MegEditor(cfg, work_dir=args.work_dir)
+        return make_editor(name)
+
+    return make
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         dataset, edits = str(args.facts), facts.read_facts(args.facts)
     edits = edits[: args.n_edits]
     loaded = lm.load_model(args.model)
+    methods = [m for m in args.methods.split(",") if m] + list(args.variants)
     print(f"bench.quality: {len(edits)} edits from {dataset}, model {loaded.model_id}", flush=True)
-    result = run_methods(loaded, edits, dataset, args.methods.split(","), args.batch_size)
+    result = run_methods(loaded, edits, dataset, methods, args.batch_size, editor_factory=editor_factory(args))
     records = result.write(args.out)
     print(result.table())
     print(f"results: {args.out}  per-edit outputs: {records}")

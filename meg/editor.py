@@ -350,7 +350,7 @@ def build(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfig,
     if cfg.weights == "generator":
         cond, rows = generator_pairs(cfg, edits, encoder, bank)
         generator = train_generator(cfg, cond, fitted.weights[rows], fitted.w0,
-                                    ckpt_dir=work_dir / "generator" if work_dir else None, progress=progress)
+                                    ckpt_dir=_generator_ckpt_dir(cfg, work_dir), progress=progress)
     timings["generator_seconds"] = time.time() - t0
 
     info = {
@@ -389,6 +389,36 @@ def router_confusion(model: EditedModel, edits: "list[EditRequest]", bank=None) 
         if name in ("prompt", "paraphrase"):
             out[f"router_{name}_right_edit"] = 100.0 * float((mask & (nearest == own)).float().mean())
     return out
+
+
+def _generator_ckpt_dir(cfg: MegConfig, work_dir: Path | None) -> Path | None:
+    """Checkpoints of one generator setting (variants of a build in one work dir keep theirs apart)."""
+    if work_dir is None:
+        return None
+    key = hashlib.sha256(json.dumps(cfg.generator, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(work_dir) / "generator" / key
+
+
+def with_overrides(cfg: MegConfig, overrides: dict[str, object]) -> MegConfig:
+    """A copy of ``cfg`` with dotted settings replaced: ``{"fit.layer": 28, "router_options.subject_gate": True}``.
+
+    ``encoder.*``, ``generator.*`` and ``router_options.*`` set keys of those override dicts (checked
+    by their own configs when used); ``fit.*`` sets FitConfig fields; other keys set MegConfig fields.
+    """
+    d = _config_dict(cfg)
+    for dotted, value in overrides.items():
+        head, _, rest = dotted.partition(".")
+        if head not in d:
+            raise ConfigError(f"meg: unknown setting '{dotted}'")
+        if rest:
+            if not isinstance(d[head], dict):
+                raise ConfigError(f"meg: '{head}' has no sub-settings (got '{dotted}')")
+            if head == "fit" and rest not in d["fit"]:
+                raise ConfigError(f"meg: unknown setting '{dotted}'")
+            d[head][rest] = value
+        else:
+            d[head] = value
+    return _config_from_dict(d)
 
 
 def _config_dict(cfg: MegConfig) -> dict:
