@@ -56,6 +56,7 @@ class FitConfig:
     l2: float = 0.0  # penalty on ||w - w0||^2, keeps deltas small and the generator's targets tame
     suffix: str = "\n"  # fitted after the target so generated answers end there
     n_variants: int = 0  # rewordings of each prompt from the pseudo-edit template bank (meg.augment), 0 = off
+    min_variant_share: float = 1.0  # an edit is done once its prompt and this share of its other rows succeed
     n_prefixes: int = 0  # random context prefixes per edit (robustness to preceding text), 0 = off
     prefix_tokens: int = 8  # length of each generated prefix
     chunk_size: int = 32  # edits per batch (rows = chunk_size * (1 + n_prefixes))
@@ -73,6 +74,7 @@ class FitConfig:
             "margin_ce": self.margin_ce > 0,
             "l2": self.l2 >= 0,
             "n_variants": self.n_variants >= 0,
+            "min_variant_share": 0 <= self.min_variant_share <= 1,
             "n_prefixes": self.n_prefixes >= 0,
             "prefix_tokens": self.prefix_tokens >= 1,
             "chunk_size": self.chunk_size >= 1,
@@ -94,7 +96,7 @@ class FitResult:
     keys: list[str]  # content keys
     weights: torch.Tensor  # (N, 2D+1) fitted neuron weights
     w0: torch.Tensor  # (2D+1,) the shared initialisation
-    success: torch.Tensor  # (N,) bool: greedy decoding reproduces the target (+ suffix)
+    success: torch.Tensor  # (N,) bool: greedy decoding of the edit prompt reproduces the target (+ suffix)
     steps: torch.Tensor  # (N,) optimisation steps taken
     loss: torch.Tensor  # (N,) final mean cross-entropy per target token
     layer: int
@@ -289,7 +291,14 @@ def _adam_step(w, grad, state, lr, rows, b1=0.9, b2=0.999, eps=1e-8):
 
 
 def _fit_chunk(model, layer, batch, edit_of_row, n_edits, w0, cfg):
-    """Optimise one chunk of edits; returns weights, success, steps and loss per edit."""
+    """Optimise one chunk of edits; returns weights, success, steps and loss per edit.
+
+    ``edit_of_row`` (R,) maps rows to edits; an edit's first row is its own prompt, the others are
+    rewordings or prefixed copies. Success is the prompt's row reproducing the target; an edit stops
+    training once it succeeds and at least ``min_variant_share`` of its other rows do too.
+    """
+    is_main = torch.ones_like(edit_of_row, dtype=torch.bool)
+    is_main[1:] = edit_of_row[1:] != edit_of_row[:-1]  # (R,) rows of an edit are contiguous, prompt first
     x_all, f_all, h_all = layer_states(model, layer, batch)  # (R, T, D) each: FFN input, FFN output, layer output
     act = neuron.activation_fn(cfg.act, model)
     d = x_all.shape[-1]
@@ -324,10 +333,16 @@ def _fit_chunk(model, layer, batch, edit_of_row, n_edits, w0, cfg):
             edit_loss = edit_loss / torch.bincount(row_edit, minlength=active.numel()).clamp(min=1)
             correct = logits.argmax(-1) == sub.labels
             row_ok = textbatch.per_row_all(correct, sub.owner, row_sel.numel())
-            edit_ok = torch.zeros(active.numel(), dtype=torch.long).index_add(0, row_edit, (~row_ok).long()) == 0
-            finished = edit_ok if cfg.stop == "success" else edit_ok & (edit_loss.detach() < cfg.margin_ce)
+            main = is_main[row_sel]  # (R',) the edit prompt's own row
+            main_ok = torch.zeros(active.numel(), dtype=torch.bool).index_put((row_edit[main],), row_ok[main])
+            n_other = torch.zeros(active.numel()).index_add(0, row_edit[~main], torch.ones(int((~main).sum())))
+            other_ok = torch.zeros(active.numel()).index_add(0, row_edit[~main], row_ok[~main].float())
+            share_ok = other_ok >= cfg.min_variant_share * n_other - 1e-6  # True for edits with no other rows
+            finished = main_ok & share_ok
+            if cfg.stop == "margin":
+                finished &= edit_loss.detach() < cfg.margin_ce
             loss_out[active] = edit_loss.detach()
-            success[active] = edit_ok
+            success[active] = main_ok
             if step == cfg.max_steps:
                 break
             finished_edits = active[finished]

@@ -130,3 +130,12 @@ def test_bad_config_names_the_field():
         fit.FitConfig(optimizer="lbfgs")
     with pytest.raises(ConfigError, match="'lr'"):
         fit.FitConfig(lr=0)
+
+
+def test_variant_rows_delay_stopping_but_success_is_the_prompt_row(tiny_models):
+    loaded = tiny_models["llama"]
+    edits = _edits()[:4]
+    loose = fit.fit_edits(loaded, edits, _cfg(n_prefixes=2, prefix_tokens=3, min_variant_share=0.0), progress=False)
+    strict = fit.fit_edits(loaded, edits, _cfg(n_prefixes=2, prefix_tokens=3, min_variant_share=1.0), progress=False)
+    assert (loose.steps <= strict.steps).all() and loose.steps.sum() < strict.steps.sum()
+    assert loose.success.float().mean() >= 0.75 and strict.success.float().mean() >= 0.75
