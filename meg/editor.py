@@ -234,7 +234,8 @@ def template_bank(cfg: MegConfig, pool: list):
     """Relation rewordings learned from the pseudo-edits (None when neither fitting nor the generator uses them)."""
     from meg.augment import TemplateBank
 
-    return TemplateBank.from_records(pool) if cfg.fit.n_variants or cfg.generator_variants else None
+    needed = cfg.fit.n_variants or cfg.fit.n_contexts or cfg.generator_variants
+    return TemplateBank.from_records(pool) if needed else None
 
 
 def encoder_for(cfg: MegConfig, pool: list, progress: bool = True, cache_root: Path | None = None):

@@ -57,6 +57,7 @@ class FitConfig:
     suffix: str = "\n"  # fitted after the target so generated answers end there
     n_variants: int = 0  # rewordings of each prompt from the pseudo-edit template bank (meg.augment), 0 = off
     min_variant_share: float = 1.0  # an edit is done once its prompt and this share of its other rows succeed
+    n_contexts: int = 0  # questions on the edit's subject from other relations, fitted to the target too, 0 = off
     n_prefixes: int = 0  # random context prefixes per edit (robustness to preceding text), 0 = off
     prefix_tokens: int = 8  # length of each generated prefix
     chunk_size: int = 32  # edits per batch (rows = chunk_size * (1 + n_prefixes))
@@ -76,6 +77,7 @@ class FitConfig:
             "n_variants": self.n_variants >= 0,
             "min_variant_share": 0 <= self.min_variant_share <= 1,
             "n_prefixes": self.n_prefixes >= 0,
+            "n_contexts": self.n_contexts >= 0,
             "prefix_tokens": self.prefix_tokens >= 1,
             "chunk_size": self.chunk_size >= 1,
         }
@@ -398,8 +400,8 @@ def fit_edits(
     ``bank`` supplies rewordings of each prompt (``cfg.n_variants`` of them) fitted alongside it;
     without one, ``n_variants`` must be 0.
     """
-    if cfg.n_variants and bank is None:
-        raise ConfigError("fit: 'n_variants' > 0 needs a template bank (meg.augment.TemplateBank)")
+    if (cfg.n_variants or cfg.n_contexts) and bank is None:
+        raise ConfigError("fit: 'n_variants' or 'n_contexts' > 0 needs a template bank (meg.augment.TemplateBank)")
     t0 = time.time()
     model, tok = loaded.model, loaded.tokenizer
     layer = cfg.layer if cfg.layer is not None else loaded.default_layer
@@ -418,6 +420,10 @@ def fit_edits(
         prompts, targets, edit_of_row = [], [], []
         for i, e in enumerate(chunk):
             rewordings = bank.variants(e.prompt, e.subject, cfg.n_variants) if bank else []
+            if bank and cfg.n_contexts:
+                seed = int(e.content_key[:8], 16)  # deterministic per edit, different across edits
+                found = (bank.other_relation(e.prompt, e.subject, seed + j) for j in range(cfg.n_contexts))
+                rewordings += list(dict.fromkeys(q for q in found if q))
             for text in [e.prompt] + rewordings + [f"{p} {e.prompt}" for p in prefixes]:
                 prompts.append(text)
                 targets.append(e.target_new)
