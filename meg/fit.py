@@ -47,9 +47,12 @@ if TYPE_CHECKING:
 class FitConfig:
     layer: int | None = None  # layer whose FFN gets the neuron; None = the model's registered default
     act: str = "identity"  # neuron activation: "identity" (bilinear neuron) or "ffn" (the FFN's own)
-    optimizer: str = "sgd"  # "sgd", "nesterov" (SGD with Nesterov momentum) or "adam" (fewer steps, transfers worse)
+    # "nesterov" (SGD with Nesterov momentum), "sgd" or "adam" (fewer steps, transfers worse to paraphrases).
+    # Measured on 64 CounterFact train pseudo-edits at layer 28 with 4 rewordings: nesterov lr 1.0 reached
+    # the paraphrase in 98% (median 18 steps), plain SGD lr 2.0 in 94% (26 steps), Adam lr 0.1 in 84%.
+    optimizer: str = "nesterov"
     momentum: float = 0.9  # momentum of "nesterov"
-    lr: float = 2.0  # step size; SGD needs a large one because the initial neuron is near zero
+    lr: float = 1.0  # step size; SGD-type steps must be large because the initial neuron is near zero
     max_steps: int = 60  # cap on optimisation steps per edit
     stop: str = "success"  # "success": stop at the first greedy success; "margin": also need CE < margin_ce
     margin_ce: float = 0.05  # per-token cross-entropy below which a "margin" edit is done

