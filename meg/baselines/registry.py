@@ -1,0 +1,37 @@
+"""Hyperparameters of the baseline editors per (method, model), chosen on pseudo-edits.
+
+Every entry was chosen by ``bench/tune_baselines.py`` on edits from the CounterFact *train* split
+(never the evaluated edit split); docs/baselines.md records the sweeps and the numbers behind each
+choice. A model without an entry gets the method's defaults: the paper's settings, with layers
+placed by ``meg.baselines.memit.default_layers`` (MEMIT, AlphaEdit) or the model's registered
+layer (GRACE).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meg import lm
+from meg.baselines.alphaedit import AlphaEditConfig
+from meg.baselines.grace import GraceConfig
+from meg.baselines.memit import MEMITConfig
+from meg.errors import ConfigError
+
+CONFIGS: dict[str, type] = {"memit": MEMITConfig, "alphaedit": AlphaEditConfig, "grace": GraceConfig}
+
+# (method, model id or family) -> overrides of the method's config
+HPARAMS: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def overrides_for(method: str, loaded: lm.LoadedModel) -> dict[str, Any]:
+    if method not in CONFIGS:
+        raise ConfigError(f"unknown baseline {method!r}; known: {', '.join(CONFIGS)}")
+    for name in (loaded.model_id, loaded.arch.family):
+        if (method, name) in HPARAMS:
+            return dict(HPARAMS[(method, name)])
+    return {}
+
+
+def config_for(method: str, loaded: lm.LoadedModel, **extra: Any):
+    """The registered configuration of ``method`` for this model, with ``extra`` on top."""
+    return CONFIGS[method](**{**overrides_for(method, loaded), **extra})
