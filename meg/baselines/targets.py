@@ -15,8 +15,9 @@ clamp_norm_factor * |h^L| after each step. An edit stops when its loss falls bel
 (MEMIT's early stop). Edits without a subject have no essence row (there is no subject to keep).
 
 Edits are optimised in chunks, independently (per-edit losses are summed and the optimiser acts
-element by element, so each edit's trajectory equals optimising it alone). Block L's output is
-computed once per chunk and only layers L+1.. run per step. Finished z are stored per edit
+element by element, so each edit's trajectory equals optimising it alone). Each row's tokens before
+the lookup token are computed once and cached (``meg.baselines.suffix``); each step runs only the
+rest of the row through layers L+1.. Finished z are stored per edit
 (content key) under a key of the model hash, layer and settings, so an interrupted run resumes.
 """
 
@@ -32,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from meg import fit, lm, textbatch
-from meg.baselines import locate
+from meg.baselines import locate, suffix
 from meg.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -77,63 +78,46 @@ def templates(loaded: lm.LoadedModel, cfg: TargetConfig) -> list[str]:
 
 @dataclass
 class _Chunk:
-    batch: textbatch.TargetBatch  # every row; scored positions = target tokens and essence lookups
-    lookup: torch.Tensor  # (R,) column where delta is added
+    rows: suffix.SplitRows  # every row, split at its lookup token (tail column 0)
+    pos_row: torch.Tensor  # (N,) row of each scored position
+    pos_col: torch.Tensor  # (N,) its tail column
+    labels: torch.Tensor  # (N,) target token (0 at essence positions)
+    essence: torch.Tensor  # (N,) bool: an essence lookup (KL term), not a target token
     edit: torch.Tensor  # (R,) edit of each row (index into the chunk)
-    essence_pos: torch.Tensor  # (N,) bool: the scored position is an essence lookup (KL), not a target
     bare_row: torch.Tensor  # (E,) row of each edit's bare prompt
 
 
 def _build(tok, edits: "list[EditRequest]", prefixes: list[str], cfg: TargetConfig) -> _Chunk:
     suffix_ids = tok(cfg.suffix, add_special_tokens=False).input_ids if cfg.suffix else []
-    seqs, lookups, edit_of, scored, bare = [], [], [], [], []
+    seqs, splits, edit_of, bare = [], [], [], []
+    pos_row, pos_col, labels = [], [], []
     for i, e in enumerate(edits):
         target = tok(textbatch.target_text(e.target_new), add_special_tokens=False).input_ids + suffix_ids
         for prefix in prefixes:
             text = locate.with_prefix(prefix, e.prompt)
             p = tok(text, add_special_tokens=True).input_ids
+            at = locate.lookup_index(tok, text, e.subject, len(prefix) + 1 if prefix else 0)
             if not prefix:
                 bare.append(len(seqs))
-            lookups.append(locate.lookup_index(tok, text, e.subject, len(prefix) + 1 if prefix else 0))
-            scored.append([(len(p) - 1 + j, t) for j, t in enumerate(target)])
+            for j, t in enumerate(target):  # position len(p) - 1 + j predicts target token j
+                pos_row.append(len(seqs))
+                pos_col.append(len(p) - 1 + j - at)
+                labels.append(t)
             seqs.append((p + target)[:-1])
+            splits.append(at)
             edit_of.append(i)
         if e.subject and cfg.kl_factor > 0:
             text = ESSENCE.format(e.subject)
-            ids = tok(text, add_special_tokens=True).input_ids
-            at = locate.lookup_index(tok, text, e.subject)
-            lookups.append(at)
-            scored.append([(at, -1)])
-            seqs.append(ids)
+            pos_row.append(len(seqs))
+            pos_col.append(0)
+            labels.append(-1)
+            seqs.append(tok(text, add_special_tokens=True).input_ids)
+            splits.append(locate.lookup_index(tok, text, e.subject))
             edit_of.append(i)
-    width = max(len(s) for s in seqs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    rows, cols, labels = [], [], []
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(s)
-        mask[r, : len(s)] = 1
-        for col, label in scored[r]:
-            rows.append(r)
-            cols.append(col)
-            labels.append(label)
-    rows_t, labels_t = torch.tensor(rows), torch.tensor(labels)
-    batch = textbatch.TargetBatch(ids, mask, rows_t, torch.tensor(cols), labels_t.clamp(min=0), rows_t.clone(),
-                                  torch.bincount(rows_t, minlength=len(seqs)))
-    return _Chunk(batch, torch.tensor(lookups), torch.tensor(edit_of), labels_t < 0, torch.tensor(bare))
-
-
-def _sub(chunk: _Chunk, rows: torch.Tensor) -> tuple[textbatch.TargetBatch, torch.Tensor]:
-    """The sub-batch of ``rows`` (positions renumbered) and the kept positions' mask."""
-    b = chunk.batch
-    keep = torch.isin(b.owner, rows)
-    new_index = torch.full((b.input_ids.shape[0],), -1, dtype=torch.long)
-    new_index[rows] = torch.arange(rows.numel())
-    owner = new_index[b.owner[keep]]
-    sub = textbatch.TargetBatch(b.input_ids[rows], b.attention_mask[rows], owner, b.cols[keep], b.labels[keep],
-                                owner, b.n_target[rows])
-    return sub, keep
+    labels_t = torch.tensor(labels)
+    return _Chunk(suffix.split_rows(seqs, splits, pad), torch.tensor(pos_row), torch.tensor(pos_col),
+                  labels_t.clamp(min=0), labels_t < 0, torch.tensor(edit_of), torch.tensor(bare))
 
 
 def adam_rows(w: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, idx: torch.Tensor,
@@ -149,9 +133,9 @@ def adam_rows(w: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, idx: 
 
 def _optimise(model, layer: int, chunk: _Chunk, n_edits: int, cfg: TargetConfig):
     """delta per edit of one chunk; returns z (E, D), last and first loss (E,), steps (E,)."""
-    b = chunk.batch
-    hidden = fit.layer_inputs(model, layer + 1, b)  # (R, T, D) output of block L
-    z0 = hidden[chunk.bare_row, chunk.lookup[chunk.bare_row]]  # (E, D)
+    heads = suffix.HeadCache(model, chunk.rows)
+    hidden = heads.block_output(layer)  # (R, A, D) residual leaving block L at the tail tokens
+    z0 = hidden[chunk.bare_row, 0]  # (E, D)
     z0_norm = z0.norm(dim=1)  # (E,)
     delta = torch.zeros_like(z0)
     state = {"m": torch.zeros_like(z0), "v": torch.zeros_like(z0), "t": torch.zeros(n_edits, dtype=torch.long)}
@@ -160,61 +144,61 @@ def _optimise(model, layer: int, chunk: _Chunk, n_edits: int, cfg: TargetConfig)
     final = torch.full((n_edits,), float("nan"))
     first = torch.full((n_edits,), float("nan"))
     init_lp: torch.Tensor | None = None  # (E, V) essence log-probs before editing
-    holder: dict = {}
-    with fit.replay_from(model, layer + 1, holder):
-        for step in range(cfg.steps):
-            active = (~done).nonzero().flatten()  # (A,)
-            if active.numel() == 0:
-                break
-            rows = torch.isin(chunk.edit, active).nonzero().flatten()  # (R',)
-            sub, keep = _sub(chunk, rows)
-            remap = torch.full((n_edits,), -1, dtype=torch.long)
-            remap[active] = torch.arange(active.numel())
-            row_edit = remap[chunk.edit[rows]]  # (R',) index into active
-            d = delta[active].clone().requires_grad_(True)  # (A, D)
-            h = hidden[rows].clone()
-            h[torch.arange(rows.numel()), chunk.lookup[rows]] += d[row_edit]
-            holder["h"] = h
-            logp = torch.log_softmax(textbatch.logits_at(model, sub), -1)  # (N', V)
-            essence = chunk.essence_pos[keep]
-            pos_edit = row_edit[sub.owner]  # (N',)
-            # NLL: mean over each row's target tokens, then over the edit's rows
-            tgt = ~essence
-            tok_lp = logp[tgt].gather(1, sub.labels[tgt, None]).squeeze(1)
-            n_rows = rows.numel()
-            row_nll = -textbatch.per_row_mean(tok_lp, sub.owner[tgt], n_rows)  # (R',)
-            is_target_row = torch.zeros(n_rows, dtype=torch.bool)
-            is_target_row[sub.owner[tgt]] = True
-            nll = torch.zeros(active.numel()).index_add(0, row_edit[is_target_row], row_nll[is_target_row])
-            nll = nll / torch.bincount(row_edit[is_target_row], minlength=active.numel()).clamp(min=1)
-            kl = torch.zeros(active.numel())
-            if essence.any():
-                cur = logp[essence]  # (K, V)
-                kl_edit = pos_edit[essence]
-                if init_lp is None:
-                    init_lp = torch.zeros(n_edits, cur.shape[1])
-                    init_lp[active[kl_edit]] = cur.detach()
-                ref = init_lp[active[kl_edit]]
-                kl = kl.index_add(0, kl_edit, (cur.exp() * (cur - ref)).sum(-1))
-            decay = cfg.weight_decay * d.norm(dim=1) / z0_norm[active] ** 2
-            loss = nll + cfg.kl_factor * kl + decay  # (A,)
-            final[active] = loss.detach()
-            if step == 0:
-                first[:] = loss.detach()
-            finished = loss.detach() < cfg.stop_loss
-            done[active[finished]] = True
-            train = ~finished
-            if step == cfg.steps - 1 or not train.any():
-                break
-            loss[train].sum().backward()
-            idx = active[train]
-            with torch.no_grad():
-                adam_rows(delta, d.grad[train], state, cfg.lr, idx)
-                limit = cfg.clamp_norm_factor * z0_norm[idx]  # (A',)
-                norm = delta[idx].norm(dim=1)
-                scale = torch.where(norm > limit, limit / norm.clamp(min=1e-12), torch.ones_like(norm))
-                delta[idx] *= scale[:, None]
-            steps[idx] += 1
+    n_rows = chunk.edit.numel()
+    for step in range(cfg.steps):
+        active = (~done).nonzero().flatten()  # (A,)
+        if active.numel() == 0:
+            break
+        rows = torch.isin(chunk.edit, active).nonzero().flatten()  # (R',)
+        new_index = torch.full((n_rows,), -1, dtype=torch.long)
+        new_index[rows] = torch.arange(rows.numel())
+        keep = new_index[chunk.pos_row] >= 0  # scored positions of those rows
+        owner = new_index[chunk.pos_row[keep]]  # (N',) into rows
+        remap = torch.full((n_edits,), -1, dtype=torch.long)
+        remap[active] = torch.arange(active.numel())
+        row_edit = remap[chunk.edit[rows]]  # (R',) index into active
+        d = delta[active].clone().requires_grad_(True)  # (A, D)
+        h = hidden[rows].clone()
+        h[:, 0] += d[row_edit]  # the lookup token is every tail's first
+        out = heads.tail_hidden(layer + 1, h, None if rows.numel() == n_rows else rows)  # (R', A, D)
+        logp = torch.log_softmax(suffix.logits_of(model, out[owner, chunk.pos_col[keep]]), -1)  # (N', V)
+        essence = chunk.essence[keep]
+        # NLL: mean over each row's target tokens, then over the edit's rows
+        tgt = ~essence
+        tok_lp = logp[tgt].gather(1, chunk.labels[keep][tgt, None]).squeeze(1)
+        row_nll = -textbatch.per_row_mean(tok_lp, owner[tgt], rows.numel())  # (R',)
+        is_target_row = torch.zeros(rows.numel(), dtype=torch.bool)
+        is_target_row[owner[tgt]] = True
+        nll = torch.zeros(active.numel()).index_add(0, row_edit[is_target_row], row_nll[is_target_row])
+        nll = nll / torch.bincount(row_edit[is_target_row], minlength=active.numel()).clamp(min=1)
+        kl = torch.zeros(active.numel())
+        if essence.any():
+            cur = logp[essence]  # (K, V)
+            kl_edit = row_edit[owner[essence]]
+            if init_lp is None:
+                init_lp = torch.zeros(n_edits, cur.shape[1])
+                init_lp[active[kl_edit]] = cur.detach()
+            ref = init_lp[active[kl_edit]]
+            kl = kl.index_add(0, kl_edit, (cur.exp() * (cur - ref)).sum(-1))
+        decay = cfg.weight_decay * d.norm(dim=1) / z0_norm[active] ** 2
+        loss = nll + cfg.kl_factor * kl + decay  # (A,)
+        final[active] = loss.detach()
+        if step == 0:
+            first[:] = loss.detach()
+        finished = loss.detach() < cfg.stop_loss
+        done[active[finished]] = True
+        train = ~finished
+        if step == cfg.steps - 1 or not train.any():
+            break
+        loss[train].sum().backward()
+        idx = active[train]
+        with torch.no_grad():
+            adam_rows(delta, d.grad[train], state, cfg.lr, idx)
+            limit = cfg.clamp_norm_factor * z0_norm[idx]  # (A',)
+            norm = delta[idx].norm(dim=1)
+            scale = torch.where(norm > limit, limit / norm.clamp(min=1e-12), torch.ones_like(norm))
+            delta[idx] *= scale[:, None]
+        steps[idx] += 1
     return z0 + delta, final, first, steps
 
 
@@ -235,7 +219,6 @@ def target_vectors(loaded: lm.LoadedModel, edits: "list[EditRequest]", layer: in
     for start in range(0, len(todo), cfg.chunk_size):
         part = todo[start : start + cfg.chunk_size]
         chunk = _build(loaded.tokenizer, part, prefixes, cfg)
-        chunk.batch = chunk.batch.to(loaded.model.device)
         z, loss, loss0, steps = _optimise(loaded.model, layer, chunk, len(part), cfg)
         tensors = {"z": z.detach().cpu(), "loss": loss, "loss0": loss0, "steps": steps}
         keys = [e.content_key for e in part]

@@ -154,6 +154,45 @@ def test_missing_subject_keys_are_read_at_the_last_token(tiny_models):
     assert torch.allclose(k[0], acts[0, -1], atol=1e-6)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_heads_give_the_logits_of_full_rows(tiny_models, family):
+    from meg import fit, textbatch
+    from meg.baselines import suffix
+
+    loaded = tiny_models[family]
+    tok, model = loaded.tokenizer, loaded.model
+    # rows of different lengths, split at different tokens; one split at the very first token
+    # (the last row is longer than the tiny Gemma-3's sliding window of 16 tokens)
+    texts = ["The capital city of France is Paris", "Toko Yasuda plays", "A much longer row of text that goes on",
+             "One two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"]
+    seqs = [tok(t).input_ids for t in texts]
+    splits = [3, 2, 0, 12]
+    torch.manual_seed(0)
+    delta = torch.randn(len(seqs), lm.hidden_size(model))
+    layer = 1
+    # full rows, right-padded
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), 1
+    batch = textbatch.TargetBatch(ids, mask, *([torch.tensor([0])] * 5))
+    h = fit.layer_inputs(model, layer + 1, batch)
+    h[torch.arange(len(seqs)), torch.tensor(splits)] += delta
+    with fit.replay_from(model, layer + 1, {"h": h}):
+        full = model.base_model(input_ids=ids, attention_mask=mask, position_ids=textbatch.position_ids(mask),
+                                use_cache=False).last_hidden_state
+    heads = suffix.HeadCache(model, suffix.split_rows(seqs, splits, 0))
+    tail_h = heads.block_output(layer)
+    tail_h[:, 0] += delta
+    for rows in (None, torch.tensor([0, 2, 3])):  # all rows, then a subset (as edits finish)
+        sel = torch.arange(len(seqs)) if rows is None else rows
+        tail = heads.tail_hidden(layer + 1, tail_h[sel], rows)
+        for i, r in enumerate(sel.tolist()):
+            n = len(seqs[r]) - splits[r]
+            assert torch.allclose(tail[i, :n], full[r, splits[r] : len(seqs[r])], atol=1e-4), (family, r)
+
+
 def test_z_are_stored_and_reused(tiny_models, tmp_path, monkeypatch):
     loaded = tiny_models["llama"]
     edits = _edits()
