@@ -12,8 +12,10 @@ no such corpus can be fetched here, so the corpus is made offline from two sourc
    the prompt completed with its *true* object, the paraphrase, and the locality prompt completed
    with its answer: short factual statements of the very shape the edits have.
 
-Never the evaluated edit split. Sampled texts are stored per batch (atomically) under
-``$MEG_HOME/stats/<model-hash>/corpus-<key>/``, so an interrupted run resumes and every layer's
+Never the evaluated edit split; and the last 1,000 train records stay out of the corpus, so the
+pseudo-edits that hyperparameters are tuned on (``bench/tune_baselines.py``) are not among the
+"preserved" facts either. Sampled texts are stored per batch (atomically) under
+``$MEG_HOME/stats/<model-hash>/sampled-<key>/``, so an interrupted run resumes and every layer's
 statistics are computed from the same text.
 """
 
@@ -42,10 +44,10 @@ OPENINGS = (
 
 @dataclass
 class CorpusConfig:
-    n_sampled: int = 2048  # texts the base model writes itself
+    n_sampled: int = 512  # texts the base model writes itself
     sample_tokens: int = 128  # new tokens per sampled text
-    n_train_records: int = 10000  # CounterFact train records whose statements join the corpus
-    batch_size: int = 32  # texts sampled per generate() call (one stored part each)
+    n_train_records: int = 9000  # first CounterFact train records whose statements join the corpus
+    batch_size: int = 64  # texts sampled per generate() call (one stored part each)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -60,6 +62,11 @@ class CorpusConfig:
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+    def sampling_key(self) -> str:
+        """Identifies the sampled texts alone (the train statements do not change them)."""
+        blob = json.dumps([self.n_sampled, self.sample_tokens, self.batch_size, self.seed])
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def stats_root(loaded: lm.LoadedModel) -> Path:
@@ -107,7 +114,7 @@ def _sample_part(loaded: lm.LoadedModel, starts: list[str], cfg: CorpusConfig, s
 
 def sampled_texts(loaded: lm.LoadedModel, cfg: CorpusConfig, progress: bool = True) -> list[list[int]]:
     """Token ids of the model-written texts, sampled once per model and configuration."""
-    root = stats_root(loaded) / f"corpus-{cfg.key()}"
+    root = stats_root(loaded) / f"sampled-{cfg.sampling_key()}"
     root.mkdir(parents=True, exist_ok=True)
     starts = _openings(cfg)
     n_parts = (cfg.n_sampled + cfg.batch_size - 1) // cfg.batch_size

@@ -36,7 +36,10 @@ def _at_lookup(loaded: lm.LoadedModel, texts, subjects, starts, kind: str, layer
                   leave=False):
         idx = order[s : s + ROWS_PER_BATCH]
         rows = locate.encode_rows(tok, [texts[i] for i in idx], [subjects[i] for i in idx], [starts[i] for i in idx])
-        acts = locate.capture(model, rows.input_ids.to(model.device), rows.attention_mask.to(model.device),
+        # tokens after the lookup token cannot change what is read there (causal attention): drop them
+        width = int(rows.lookup.max()) + 1
+        mask = rows.attention_mask[:, :width] * (torch.arange(width)[None, :] <= rows.lookup[:, None])
+        acts = locate.capture(model, rows.input_ids[:, :width].to(model.device), mask.to(model.device),
                               [(kind, layer)])[(kind, layer)]
         vals = locate.at_lookup(acts, rows.lookup.to(model.device)).float().cpu()
         if out is None:

@@ -32,25 +32,29 @@ def with_prefix(prefix: str, prompt: str) -> str:
     return f"{prefix} {prompt}" if prefix else prompt
 
 
-def lookup_index(tok, text: str, subject: str | None, search_from: int = 0) -> int:
-    """Index, in ``tok(text)`` (special tokens included), of the subject's last token.
+def subject_tokens(tok, text: str, subject: str | None, search_from: int = 0) -> list[int]:
+    """Indices, in ``tok(text)`` (special tokens included), of the tokens covering the subject.
 
-    The subject is searched in ``text[search_from:]`` (exact case first, then case-insensitive); when
-    it is missing or not found, the text's last token is used.
+    The subject is searched in ``text[search_from:]``, exact case first, then case-insensitive;
+    an empty list when it is missing or not found.
     """
-    enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
-    if subject:
-        start = text.find(subject, search_from)
-        if start < 0:
-            start = text.casefold().find(subject.casefold(), search_from)
-        if start >= 0:
-            end = start + len(subject)
-            inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
-            if inside:
-                return inside[-1]
+    if not subject:
+        return []
+    start = text.find(subject, search_from)
+    if start < 0:
+        start = text.casefold().find(subject.casefold(), search_from)
+    if start < 0:
         log.warning("subject %r not found in %r: using its last token", subject, text)
-    return len(enc["input_ids"]) - 1
+        return []
+    end = start + len(subject)
+    offsets = tok(text, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
+    return [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+
+
+def lookup_index(tok, text: str, subject: str | None, search_from: int = 0) -> int:
+    """Index, in ``tok(text)``, of the subject's last token; the text's last token without one."""
+    inside = subject_tokens(tok, text, subject, search_from)
+    return inside[-1] if inside else len(tok(text, add_special_tokens=True).input_ids) - 1
 
 
 @dataclass

@@ -143,15 +143,20 @@ def test_lookup_is_the_subjects_last_token(tokenizer):
     assert tokenizer.decode(tokenizer(full).input_ids[j + 1 :]) == " is"
 
 
-def test_missing_subject_keys_are_read_at_the_last_token(tiny_models):
+def test_keys_are_read_at_the_subject_or_else_the_last_token(tiny_models):
     from meg.baselines import keys
 
     loaded = tiny_models["llama"]
-    e = EditRequest("x", "Apple was founded by", "Bill")
-    k = keys.edit_keys(loaded, [e], 1, [""], progress=False)
-    ids = loaded.tokenizer(e.prompt, return_tensors="pt").input_ids
-    acts = locate.capture(loaded.model, ids, torch.ones_like(ids), [("key", 1)])[("key", 1)]
-    assert torch.allclose(k[0], acts[0, -1], atol=1e-6)
+    tok = loaded.tokenizer
+    with_subject = EditRequest("x", "The mother tongue of Danielle Darrieux is", "English", subject="Danielle Darrieux")
+    without = EditRequest("y", "Apple was founded by", "Bill")
+    k = keys.edit_keys(loaded, [with_subject, without], 1, [""], progress=False)
+    for row, e in enumerate([with_subject, without]):
+        ids = tok(e.prompt, return_tensors="pt").input_ids
+        acts = locate.capture(loaded.model, ids, torch.ones_like(ids), [("key", 1)])[("key", 1)]
+        at = locate.lookup_index(tok, e.prompt, e.subject)
+        assert at == (ids.shape[1] - 2 if e.subject else ids.shape[1] - 1)
+        assert torch.allclose(k[row], acts[0, at], atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
