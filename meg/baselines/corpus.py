@@ -3,7 +3,7 @@
 MEMIT estimates the keys of "everything the model already knows" from 100k Wikipedia samples;
 no such corpus can be fetched here, so the corpus is made offline from two sources:
 
-1. **Text the base model writes itself**: ``n_sampled`` continuations of ``sample_tokens`` tokens,
+1. **Text the base model writes itself**: ``n_sampled`` (320) continuations of ``sample_tokens`` tokens,
    sampled (top-p 0.95, temperature 1, fixed seeds) from two kinds of openings in turn: a subject
    from the CounterFact *train* split (the model writes about an entity, as an encyclopaedia
    would) and a short generic opening ("In 1990,", "The company", ...). Text drawn from the
@@ -44,7 +44,7 @@ OPENINGS = (
 
 @dataclass
 class CorpusConfig:
-    n_sampled: int = 512  # texts the base model writes itself
+    n_sampled: int = 320  # texts the base model writes itself
     sample_tokens: int = 128  # new tokens per sampled text
     n_train_records: int = 9000  # first CounterFact train records whose statements join the corpus
     batch_size: int = 64  # texts sampled per generate() call (one stored part each)
@@ -64,8 +64,8 @@ class CorpusConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
     def sampling_key(self) -> str:
-        """Identifies the sampled texts alone (the train statements do not change them)."""
-        blob = json.dumps([self.n_sampled, self.sample_tokens, self.batch_size, self.seed])
+        """Identifies the sampled parts: part p is the same whatever ``n_sampled`` and the statements."""
+        blob = json.dumps([self.sample_tokens, self.batch_size, self.seed])
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -87,12 +87,13 @@ def train_statements(n: int) -> list[str]:
     return texts
 
 
-def _openings(cfg: CorpusConfig) -> list[str]:
+def _openings(n: int) -> list[str]:
+    """The i-th text's opening, the same whatever ``n``."""
     from meg.facts import load_benchmark
 
     subjects = [e.subject for e in load_benchmark("counterfact", "train") if e.subject]
     return [subjects[(i // 2) % len(subjects)] if i % 2 == 0 else OPENINGS[(i // 2) % len(OPENINGS)]
-            for i in range(cfg.n_sampled)]
+            for i in range(n)]
 
 
 @torch.no_grad()
@@ -116,8 +117,8 @@ def sampled_texts(loaded: lm.LoadedModel, cfg: CorpusConfig, progress: bool = Tr
     """Token ids of the model-written texts, sampled once per model and configuration."""
     root = stats_root(loaded) / f"sampled-{cfg.sampling_key()}"
     root.mkdir(parents=True, exist_ok=True)
-    starts = _openings(cfg)
     n_parts = (cfg.n_sampled + cfg.batch_size - 1) // cfg.batch_size
+    starts = _openings(n_parts * cfg.batch_size)  # whole parts, so a part never depends on n_sampled
     rows: list[list[int]] = []
     bar = tqdm(range(n_parts), desc="corpus: sampling", unit="part", disable=not progress)
     for p in bar:
@@ -131,7 +132,7 @@ def sampled_texts(loaded: lm.LoadedModel, cfg: CorpusConfig, progress: bool = Tr
             os.replace(tmp, path)
         stored = load_file(path)
         rows.extend(r.tolist() for r in torch.split(stored["ids"], stored["lengths"].tolist()))
-    return rows
+    return rows[: cfg.n_sampled]
 
 
 def corpus_rows(loaded: lm.LoadedModel, cfg: CorpusConfig, progress: bool = True) -> list[list[int]]:

@@ -20,7 +20,13 @@ from meg.errors import ConfigError
 CONFIGS: dict[str, type] = {"memit": MEMITConfig, "alphaedit": AlphaEditConfig, "grace": GraceConfig}
 
 # (method, model id or family) -> overrides of the method's config
-HPARAMS: dict[tuple[str, str], dict[str, Any]] = {}
+HPARAMS: dict[tuple[str, str], dict[str, Any]] = {
+    # layers 4-8: the band of high FFN indirect effect in the causal trace, just past its peak
+    ("memit", "smollm2-135m"): {"layers": (4, 5, 6, 7, 8)},
+    ("alphaedit", "smollm2-135m"): {"layers": (4, 5, 6, 7, 8)},
+    # layer 18: at 28 the value cannot also bring the "\n" after the target (AG reliability 66%)
+    ("grace", "smollm2-135m"): {"layer": 18, "eps_init": 1.0},
+}
 
 
 def overrides_for(method: str, loaded: lm.LoadedModel) -> dict[str, Any]:

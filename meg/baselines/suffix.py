@@ -7,7 +7,7 @@ causal), yet it is most of each row: the context prefix and the start of the pro
 split at its lookup token: the *head* (tokens before it) runs once through the whole model and
 leaves its keys and values in a cache; each step runs only the *tail* (the lookup token onwards)
 through layers L+1.., attending to the cached head. This gives the same logits as the full rows
-(tested) at a fraction of the cost.
+(tested), and each step's work grows with the tail's length instead of the row's.
 
 Layout: heads are left-padded to a common width P and tails right-padded to a width A, so every
 tail starts at column P and real tokens are contiguous (as in batched generation); position ids
