@@ -3,6 +3,7 @@
     python -m bench.tune_baselines trace --out OUT.json [--n-facts 32]
     python -m bench.tune_baselines keys --out OUT.json [--layers 6,12,18,24,28]
     python -m bench.tune_baselines sweep --method memit --grid '[{"mom2_weight": 1e4}, ...]' --out OUT.json
+    python -m bench.tune_baselines report OUT.json ...
 
 Pseudo-edits come from the last 1,000 records of the CounterFact *train* split, which the key
 statistics' corpus leaves out (``meg.baselines.corpus``).
@@ -190,6 +191,23 @@ def sweep(loaded, method: str, grid: list[dict], n_edits: int, out: Path) -> lis
     return done
 
 
+def objective(row: dict) -> float:
+    """The Score; when it is 0 (a metric at 0), the mean of the six numbers breaks the tie."""
+    six = [row[k] for k in ("rel_ag", "rel_tf", "gen_ag", "gen_tf", "loc_ag", "loc_tf")]
+    return row["score"] if row["score"] > 0 else sum(six) / len(six) / 100
+
+
+def report(path: Path) -> str:
+    """A markdown table of a sweep file, best first."""
+    rows = sorted(json.loads(path.read_text())["rows"], key=objective, reverse=True)
+    cols = ("rel_ag", "rel_tf", "gen_ag", "gen_tf", "loc_ag", "loc_tf", "score", "edit_seconds")
+    lines = ["| method | overrides | n | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
+    for r in rows:
+        cells = " | ".join(f"{r[c]:.1f}" for c in cols)
+        lines.append(f"| {r['method']} | `{json.dumps(r['overrides'], sort_keys=True)}` | {r['n_edits']} | {cells} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -208,7 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--model", default=lm.DEFAULT_MODEL)
         q.add_argument("--out", type=Path, required=True)
         q.add_argument("--threads", type=int, default=1)
+    r = sub.add_parser("report")
+    r.add_argument("sweeps", type=Path, nargs="+")
     args = p.parse_args(argv)
+    if args.cmd == "report":
+        for path in args.sweeps:
+            print(report(path) + "\n")
+        return 0
     torch.set_num_threads(args.threads)
     loaded = lm.load_model(args.model)
     if args.cmd == "trace":

@@ -46,7 +46,7 @@ OPENINGS = (
 class CorpusConfig:
     n_sampled: int = 320  # texts the base model writes itself
     sample_tokens: int = 128  # new tokens per sampled text
-    n_train_records: int = 9000  # first CounterFact train records whose statements join the corpus
+    n_train_records: int = 3000  # first CounterFact train records whose statements join the corpus
     batch_size: int = 64  # texts sampled per generate() call (one stored part each)
     seed: int = 0
 

@@ -174,7 +174,7 @@ class LeastSquaresEditor(Editor):
         batches = [edits[i : i + size] for i in range(0, len(edits), size)]
         last = layers[-1]
         info = {"z_loss": [], "z_steps": [], "residual_before": [], "residual_after": []}
-        t_z = 0.0
+        t_z = t_keys = 0.0
         for b, batch in enumerate(batches):
             t1 = time.time()
             # Later batches read z from the model the earlier ones edited: key the store by them.
@@ -191,8 +191,10 @@ class LeastSquaresEditor(Editor):
                 if path is not None and path.is_file():
                     delta = load_file(path)["delta"]
                 else:
+                    t1 = time.time()
                     k = keys.edit_keys(loaded, batch, l, prefixes, cfg.progress).double()  # (N, I)
                     h = keys.edit_hidden(loaded, batch, last, cfg.progress)  # (N, D)
+                    t_keys += time.time() - t1
                     if h_start is None:
                         h_start = h
                     res = (z - h).double() / (len(layers) - i)  # (N, D)
@@ -215,6 +217,7 @@ class LeastSquaresEditor(Editor):
             "residual_after": info["residual_after"],
             "stats_seconds": t_stats,
             "z_seconds": t_z,
+            "keys_seconds": t_keys,
             "seconds": time.time() - t0,
             **self._report(state),
         }
