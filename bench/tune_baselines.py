@@ -16,8 +16,8 @@ facts the model knows. MEMIT edits where that effect is high.
 
 ``sweep`` applies each configuration (registry settings + one override dict of the grid) to the
 same pseudo-edits and evaluates it with the benchmark's protocol (``meg.evaluate``); every row
-(overrides, metrics, seconds) is appended to OUT.json at once, and rows already there are skipped,
-so an interrupted sweep resumes.
+(overrides, metrics, what the editor reports, seconds) is written to OUT.json as soon as it is
+done, and rows already there are skipped, so an interrupted sweep resumes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -169,25 +168,37 @@ def _editor(method: str, loaded, overrides: dict):
 
 
 def sweep(loaded, method: str, grid: list[dict], n_edits: int, out: Path) -> list[dict]:
+    """Evaluate every configuration of ``grid`` not yet in ``out`` (locality labels computed once)."""
     done = json.loads(out.read_text())["rows"] if out.is_file() else []
     seen = {json.dumps(r["overrides"], sort_keys=True) for r in done if r["method"] == method}
+    todo = {f"cfg{i}": o for i, o in enumerate(grid) if json.dumps(o, sort_keys=True) not in seen}
+    if not todo:
+        return done
     edits = pseudo_edits(n_edits)
-    for overrides in grid:
-        key = json.dumps(overrides, sort_keys=True)
-        if key in seen:
-            continue
-        t0 = time.time()
-        res = run_methods(loaded, edits, "counterfact-train-heldout", ["x"],
-                          editor_factory=lambda _: _editor(method, loaded, overrides))
-        row = {"method": method, "overrides": overrides, "n_edits": len(edits), **res.methods["x"],
-               "extra": res.extras["x"], "seconds": time.time() - t0}
+    editors = {name: _editor(method, loaded, o) for name, o in todo.items()}
+    extras: dict[str, dict] = {}
+
+    class Recording:  # keeps what each editor reports about its edit
+        def __init__(self, name):
+            self.name, self.inner = name, editors[name]
+
+        def apply(self, loaded, edits):
+            edited = self.inner.apply(loaded, edits)
+            extras[self.name] = dict(getattr(edited, "extra_metrics", {}) or {})
+            return edited
+
+    def record(name: str, metrics: dict) -> None:
+        row = {"method": method, "overrides": todo[name], "n_edits": len(edits), **metrics,
+               "extra": extras.get(name, {})}
         done.append(row)
-        seen.add(key)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps({"model": loaded.model_id, "rows": done}, indent=1, default=str))
         tmp.replace(out)
-        print(f"{method} {key}: score {row['score']:.1f} rel {row['rel_ag']:.1f} gen {row['gen_ag']:.1f} "
-              f"loc {row['loc_ag']:.1f} ({row['edit_seconds']:.0f} s)", flush=True)
+        print(f"{method} {json.dumps(row['overrides'], sort_keys=True)}: score {row['score']:.1f} "
+              f"rel {row['rel_ag']:.1f} gen {row['gen_ag']:.1f} loc {row['loc_ag']:.1f} "
+              f"({row['edit_seconds']:.0f} s)", flush=True)
+
+    run_methods(loaded, edits, "counterfact-train-heldout", list(todo), editor_factory=Recording, on_result=record)
     return done
 
 
