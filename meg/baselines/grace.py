@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -275,8 +275,6 @@ class Grace(Editor):
         return self.cfg if self.cfg is not None else config_for(self.name, loaded)
 
     def apply(self, loaded: lm.LoadedModel, edits: "list[EditRequest]") -> EditedLM:
-        import time
-
         t0 = time.time()
         cfg = self.config_for(loaded)
         model, tok = loaded.model, loaded.tokenizer
