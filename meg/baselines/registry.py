@@ -24,7 +24,8 @@ HPARAMS: dict[tuple[str, str], dict[str, Any]] = {
     # layers 4-8: the band of high FFN indirect effect in the causal trace, just past its peak
     # lambda 1500 of {500, 1500, 15000} on 32 pseudo-edits (the paper's 15000 barely moves them)
     ("memit", "smollm2-135m"): {"layers": (4, 5, 6, 7, 8), "mom2_weight": 1500.0},
-    ("alphaedit", "smollm2-135m"): {"layers": (4, 5, 6, 7, 8)},
+    # l2 1 of {1, 10} at the paper's null-space threshold 2e-2 (1,082-1,238 of 1,536 directions)
+    ("alphaedit", "smollm2-135m"): {"layers": (4, 5, 6, 7, 8), "l2": 1.0},
     # layer 18: at 28 the value cannot also bring the "\n" after the target (AG reliability 66%)
     ("grace", "smollm2-135m"): {"layer": 18, "eps_init": 1.0},
 }
