@@ -13,13 +13,33 @@ def _ft() -> Editor:
     return FineTune()
 
 
+def _memit() -> Editor:
+    from meg.baselines.memit import MEMIT
+
+    return MEMIT()
+
+
+def _alphaedit() -> Editor:
+    from meg.baselines.alphaedit import AlphaEdit
+
+    return AlphaEdit()
+
+
+def _grace() -> Editor:
+    from meg.baselines.grace import Grace
+
+    return Grace()
+
+
 def _meg() -> Editor:
     from meg.editor import MegEditor
 
     return MegEditor()
 
 
-EDITORS: dict[str, Callable[[], Editor]] = {"none": NoEdit, "ft": _ft, "meg": _meg}
+EDITORS: dict[str, Callable[[], Editor]] = {
+    "none": NoEdit, "ft": _ft, "memit": _memit, "alphaedit": _alphaedit, "grace": _grace, "meg": _meg,
+}
 
 
 def make_editor(name: str) -> Editor:

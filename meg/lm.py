@@ -51,6 +51,8 @@ class ArchSpec:
     act_attrs: tuple[str, ...]  # config attributes naming the FFN activation, first present wins
     final_softcap_attr: str | None = None  # config attribute of a final logit soft-cap, if any
     post_ffn_norm: str | None = None  # attribute of a block's norm applied to the FFN output before the residual add
+    out_proj: str = "down_proj"  # attribute of the FFN holding its output projection (hidden <- inner)
+    out_proj_conv1d: bool = False  # GPT-2's Conv1D stores that weight transposed, as (inner, hidden)
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -60,7 +62,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         "gemma3", "model.layers", "mlp", ("hidden_activation", "hidden_act"), "final_logit_softcapping",
         post_ffn_norm="post_feedforward_layernorm",
     ),
-    "gpt2": ArchSpec("gpt2", "transformer.h", "mlp", ("activation_function",)),
+    "gpt2": ArchSpec("gpt2", "transformer.h", "mlp", ("activation_function",), out_proj="c_proj", out_proj_conv1d=True),
 }
 
 
@@ -97,6 +99,17 @@ def ffn_module(model: nn.Module, layer: int) -> nn.Module:
     if not -len(layers) <= layer < len(layers):
         raise ValueError(f"layer {layer} out of range: the model has {len(layers)} layers")
     return getattr(layers[layer], arch_of(model).ffn_name)
+
+
+def ffn_out_proj(model: nn.Module, layer: int) -> nn.Module:
+    """The FFN's output projection of ``layer``: its input is the FFN's inner activation (the "key")."""
+    return getattr(ffn_module(model, layer), arch_of(model).out_proj)
+
+
+def out_proj_weight(model: nn.Module, layer: int) -> torch.Tensor:
+    """The output projection's weight as a (hidden, inner) view, whatever the family stores."""
+    w = ffn_out_proj(model, layer).weight
+    return w.T if arch_of(model).out_proj_conv1d else w
 
 
 def ffn_activation_name(model: nn.Module) -> str:

@@ -1,0 +1,45 @@
+"""Hyperparameters of the baseline editors per (method, model), chosen on pseudo-edits.
+
+Every entry was chosen by ``bench/tune_baselines.py`` on edits from the CounterFact *train* split
+(never the evaluated edit split); docs/baselines.md records the sweeps and the numbers behind each
+choice. A model without an entry gets the method's defaults: the paper's settings, with layers
+placed by ``meg.baselines.memit.default_layers`` (MEMIT, AlphaEdit) or the model's registered
+layer (GRACE).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meg import lm
+from meg.baselines.alphaedit import AlphaEditConfig
+from meg.baselines.grace import GraceConfig
+from meg.baselines.memit import MEMITConfig
+from meg.errors import ConfigError
+
+CONFIGS: dict[str, type] = {"memit": MEMITConfig, "alphaedit": AlphaEditConfig, "grace": GraceConfig}
+
+# (method, model id or family) -> overrides of the method's config
+HPARAMS: dict[tuple[str, str], dict[str, Any]] = {
+    # layers 4-8: the band of high FFN indirect effect in the causal trace, just past its peak
+    # lambda 1500 of {500, 1500, 15000} on 32 pseudo-edits (the paper's 15000 barely moves them)
+    ("memit", "smollm2-135m"): {"layers": (4, 5, 6, 7, 8), "mom2_weight": 1500.0},
+    # l2 1 of {1, 10} at the paper's null-space threshold 2e-2 (1,082-1,238 of 1,536 directions)
+    ("alphaedit", "smollm2-135m"): {"layers": (4, 5, 6, 7, 8), "l2": 1.0},
+    # layer 18: at 28 the value cannot also bring the "\n" after the target (AG reliability 66%)
+    ("grace", "smollm2-135m"): {"layer": 18, "eps_init": 1.0},
+}
+
+
+def overrides_for(method: str, loaded: lm.LoadedModel) -> dict[str, Any]:
+    if method not in CONFIGS:
+        raise ConfigError(f"unknown baseline {method!r}; known: {', '.join(CONFIGS)}")
+    for name in (loaded.model_id, loaded.arch.family):
+        if (method, name) in HPARAMS:
+            return dict(HPARAMS[(method, name)])
+    return {}
+
+
+def config_for(method: str, loaded: lm.LoadedModel, **extra: Any):
+    """The registered configuration of ``method`` for this model, with ``extra`` on top."""
+    return CONFIGS[method](**{**overrides_for(method, loaded), **extra})
