@@ -170,6 +170,42 @@ class EditedModel(evaluate.EditedLM):
         return cls(loaded, manifest["layer"], manifest["act"], encoder, router, generator, tensors["w0"], cfg,
                    lookup=tensors.get("lookup"), info=manifest.get("info"))
 
+    # ---- using the edited model (meg.answer) ----------------------------------------------------
+
+    def answer(self, questions: list[str], explain: bool = False, max_new_tokens: int = evaluate.MAX_NEW_TOKENS,
+               stop_at_newline: bool = True) -> dict:
+        """``{"answers": [...]}`` (+ ``"explanations"``): what the CLI, the service and the pyfunc model return."""
+        from meg.answer import AnswerConfig, answer
+
+        return answer(self, list(questions), explain, AnswerConfig(max_new_tokens=max_new_tokens,
+                                                                    stop_at_newline=stop_at_newline))
+
+    def generate(self, inputs=None, max_new_tokens: int = evaluate.MAX_NEW_TOKENS, *, input_ids=None,
+                 attention_mask=None, **generate_kwargs):
+        """Generate like a transformers model, every row routed on its own prompt.
+
+        Token ids in (``input_ids`` / ``attention_mask``, or a tensor as ``inputs``), token ids out:
+        (B, T + new), prompt included, as ``transformers`` returns them; any generate option works
+        (``do_sample``, ``temperature``, ``num_beams``, ...). Text in (a string or a list of strings),
+        text out: the continuations, as every ``EditedLM`` of the evaluation harness returns them;
+        ``generate_ids`` gives their token ids.
+        """
+        if input_ids is None and isinstance(inputs, torch.Tensor):
+            input_ids = inputs
+        if input_ids is not None:
+            from meg.answer import generate_hf
+
+            return generate_hf(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
+        prompts = [inputs] if isinstance(inputs, str) else list(inputs)
+        if not generate_kwargs:
+            return super().generate(prompts, max_new_tokens)
+        tok = self.loaded.tokenizer
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        from meg.answer import generate_hf
+
+        ids = generate_hf(self, enc.input_ids, enc.attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
+        return [tok.decode(row[enc.input_ids.shape[1]:], skip_special_tokens=True) for row in ids]
+
 
 class MegEditor(evaluate.Editor):
     """MeG behind the evaluation harness."""
