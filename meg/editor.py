@@ -206,6 +206,27 @@ class EditedModel(evaluate.EditedLM):
         ids = generate_hf(self, enc.input_ids, enc.attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
         return [tok.decode(row[enc.input_ids.shape[1]:], skip_special_tokens=True) for row in ids]
 
+    def routing_records(self, edits: "list[EditRequest]") -> list[dict]:
+        """Per edit: how its prompt, paraphrase and locality prompt were routed (for reports; never tuned on).
+
+        ``*_nearest`` is the id of the nearest edit of this model; ``fit_ok`` whether fitting reached the target.
+        """
+        ids = self.info.get("edit_ids") or []
+        failed = set((self.info.get("fit") or {}).get("failed_ids") or [])
+        out = [{"prompt": e.prompt, "paraphrase": e.paraphrases[0] if e.paraphrases else None,
+                "locality_prompt": e.locality[0].prompt if e.locality else None,
+                "fit_ok": e.id not in failed if e.id in ids else None} for e in edits]
+        for kind, field in (("rel", "prompt"), ("gen", "paraphrase"), ("loc", "locality_prompt")):
+            rows = [i for i, r in enumerate(out) if r[field]]
+            if not rows:
+                continue
+            _, mask, nearest, conf = self.route([out[i][field] for i in rows])
+            for j, i in enumerate(rows):
+                n = int(nearest[j])
+                out[i].update({f"{kind}_routed": bool(mask[j]), f"{kind}_nearest": ids[n] if n < len(ids) else n,
+                               f"{kind}_confidence": round(float(conf[j]), 4)})
+        return out
+
 
 class MegEditor(evaluate.Editor):
     """MeG behind the evaluation harness."""

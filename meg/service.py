@@ -206,6 +206,8 @@ def create_app(answer_rows: Callable, cfg: ServiceConfig, model_info: dict):
         errs = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errs):
             return _error_response(400, "the body is not valid JSON")
+        if any(e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",) for e in errs):
+            return _error_response(400, "the body is empty; expected a JSON object")
         return _error_response(422, "invalid request", [_problem(e) for e in errs])
 
     @app.exception_handler(StarletteHTTPException)
@@ -301,6 +303,7 @@ class BackgroundService:
         self._sock.bind((cfg.host, cfg.port))
         self.port = self._sock.getsockname()[1]
         app = create_app(answer_rows, cfg, model_info or {})
+        self.batcher = (app.app if isinstance(app, BodyLimit) else app).state.batcher
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
