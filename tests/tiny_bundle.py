@@ -38,7 +38,7 @@ def tiny_edits():
 
 @lru_cache(maxsize=None)
 def tiny_bundle(family: str = "llama") -> Path:
-    """Path of the bundle (deleted when the process exits); load it with ``tiny_loaded(family)``."""
+    """Path of the bundle (deleted when the process exits); ``EditedModel.load(path)`` finds its base model."""
     from meg import editor
     from meg.bundle import record_edits
 
@@ -52,6 +52,27 @@ def tiny_bundle(family: str = "llama") -> Path:
 
 @lru_cache(maxsize=None)
 def tiny_loaded(family: str = "llama"):
+    """The tiny model, loaded from its directory: bundles built on it name a base model anyone can load."""
     from meg import lm
 
-    return lm.tiny_model(family, lm.load_tokenizer(lm.DEFAULT_MODEL))
+    return lm.load_model(str(tiny_model_dir(family)))
+
+
+@lru_cache(maxsize=None)
+def tiny_model_dir(family: str = "llama") -> Path:
+    """The tiny random model saved as a local model directory (loadable by path, like any real model)."""
+    from meg import lm
+
+    loaded = lm.tiny_model(family, lm.load_tokenizer(lm.DEFAULT_MODEL))
+    root = Path(tempfile.mkdtemp(prefix="meg-tiny-model-"))
+    atexit.register(shutil.rmtree, root, True)
+    loaded.model.save_pretrained(root)
+    loaded.tokenizer.save_pretrained(root)
+    return root
+
+
+def tiny_config_dict() -> dict:
+    """tiny_config() as the JSON a `meg edit --config` file holds."""
+    from dataclasses import asdict
+
+    return asdict(tiny_config())

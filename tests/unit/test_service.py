@@ -46,7 +46,7 @@ def service(model):
 def test_health_describes_the_model(service):
     status, body, _ = call(service.url, "/health")
     assert status == 200 and body["status"] == "ok"
-    assert body["model"]["base_model"] == "tiny-llama" and body["model"]["n_edits"] == len(tiny_edits())
+    assert body["model"]["base_model"] == tiny_loaded().model_id and body["model"]["n_edits"] == len(tiny_edits())
     assert body["limits"]["max_questions"] == 8 and body["queue"]["max"] == 256
 
 
