@@ -89,16 +89,20 @@ def generate_rows(
     act: str = "identity",
     max_new_tokens: int = 20,
     stop_at_newline: bool = False,
+    min_new_tokens: int | None = None,
 ) -> list[list[int]]:
     """Greedy continuations (new token ids) of all prompts in one batched generate.
 
     ``weights`` (B, P) and ``active`` (B,) give row i its neuron at ``layer``; None runs the base model.
+    ``min_new_tokens`` forces a length (benchmarks compare equal work).
     """
     tok, model = loaded.tokenizer, loaded.model
     if not prompts:
         return []
     enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)  # left-padded (lm.prepare_tokenizer)
     extra = {"stopping_criteria": StoppingCriteriaList([NewlineStop(tok)])} if stop_at_newline else {}
+    if min_new_tokens:
+        extra["min_new_tokens"] = min_new_tokens
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                   eos_token_id=tok.eos_token_id, **extra)
     if weights is None:
