@@ -1,24 +1,26 @@
 """Latency of one question: the edited model against its own base model, in the same process.
 
-    python -m bench.latency --bundle /tmp/meg-bench/smollm2-cf256 --questions 8 --repeats 3 --out OUT.json
+    python -m bench.latency --bundle /tmp/meg-bench/smollm2-cf256 --questions 4 --repeats 3 --out OUT.json
 
 Batch 1, exactly ``--new-tokens`` (20) new tokens (min = max, greedy), ``--threads`` torch threads.
-Routed questions (edit prompts that the router sends to the edited knowledge) and unrelated ones
-(CounterFact locality prompts of the same edits that it does not route) are reported separately.
-For every question and repeat the base model and each edited variant run back to back, in an order
-that alternates, so that drifting load on a shared machine cancels in the ratios; every number is a
-median.
+Routed questions (edit prompts and CounterFact paraphrases that the router sends to the edited
+knowledge) and unrelated ones (locality prompts of the same edits that it does not route) are
+reported separately.
 
-An edited answer costs: encode (query encoder) + route (router) + sample (generator, S denoising
-steps, routed questions only) + generate (the LM with the dynamic neuron). The what-ifs below are
-measured in the same run, each the served pipeline with one part changed:
+For every question and repeat, the base model and every edited variant run back to back, in an
+order that rotates, and each variant's time is divided by the base time *of the same iteration*;
+the reported ratio is the median of these paired ratios, so drifting load on a shared machine
+cancels. Variants (each is what ``meg serve`` / ``meg ask`` run with that setting):
 
-- ``steps=S``: the generator with S sampling steps instead of the bundle's; also reported is how
-  many routed answers stay identical to those with the bundle's steps (a quality proxy);
-- ``cached``: the generator skipped, as when weights are cached per query (a repeated question)
-  or precomputed per edit;
-- ``mlp``: the sampling cost of the MLP denoiser of the same size preset, 50 steps (its weights are
-  untrained: this times the network, it says nothing of its quality).
+- ``served``: the bundle as it is (generator with the bundle's sampling steps, per question);
+- ``steps=S``: ``--sample-steps S``;
+- ``edit_cache``: ``--weight-cache edit`` (weights generated once per edit and reused);
+- parts of ``served``: encode (query encoder), route, sample (generator), generate (LM + neuron),
+  and ``mlp_sample``: the sampling time of the MLP denoiser of the same size preset, 50 steps
+  (untrained weights: it times the network, it says nothing of its quality).
+
+Quality of the speed options, on ``--quality`` edits (batched, not timed): the share of edit prompts
+and paraphrases answered with the new target (AG) under each variant.
 """
 
 from __future__ import annotations
@@ -32,45 +34,36 @@ from pathlib import Path
 
 import torch
 
-from meg.answer import generate_rows
+from meg.answer import AnswerConfig, generate_rows, question_weights
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--questions", type=int, default=8, help="routed and unrelated questions each")
+    p.add_argument("--questions", type=int, default=4, help="routed edit prompts, paraphrases and unrelated, each")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=20)
-    p.add_argument("--steps", default="20,10,5", help="generator sampling steps to try besides the bundle's")
+    p.add_argument("--steps", default="10,5", help="generator sampling steps to try besides the bundle's")
+    p.add_argument("--quality", type=int, default=64, help="edits whose answers check the speed options (0: off)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
 
-def questions_for(model, n: int) -> tuple[list[str], list[str]]:
-    """(routed edit prompts, unrouted unrelated prompts), n of each when the bundle has them."""
+def counterfact_probes(model) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(edit prompts, paraphrases, locality prompts, targets) of the bundle's CounterFact edits."""
     from meg.facts import load_benchmark
 
-    edits = model.info.get("edits") or []
-    prompts = [e["prompt"] for e in edits]
     by_id = {e.id: e for e in load_benchmark("counterfact", "edit")}
-    unrelated = [by_id[e["id"]].locality[0].prompt for e in edits if e["id"] in by_id and by_id[e["id"]].locality]
-    unrelated += ["The capital of France is", "Water boils at a temperature of", "The author of Hamlet is"]
-    _, mask_p, _, _ = model.route(prompts)
-    _, mask_u, _, _ = model.route(unrelated)
-    routed = [q for q, m in zip(prompts, mask_p.tolist()) if m][:n]
-    unrouted = [q for q, m in zip(unrelated, mask_u.tolist()) if not m][:n]
-    return routed, unrouted
+    rows = [by_id[e["id"]] for e in model.info.get("edits") or [] if e["id"] in by_id]
+    rows = [e for e in rows if e.paraphrases and e.locality]
+    return ([e.prompt for e in rows], [e.paraphrases[0] for e in rows], [e.locality[0].prompt for e in rows],
+            [e.target_new for e in rows])
 
 
-class Timer:
-    def __init__(self):
-        self.t = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        dt, self.t = now - self.t, now
-        return dt
+def pick(model, texts: list[str], routed: bool, n: int) -> list[str]:
+    _, mask, _, _ = model.route(texts)
+    return [t for t, m in zip(texts, mask.tolist()) if m == routed][:n]
 
 
 def mlp_sampler(model):
@@ -79,81 +72,91 @@ def mlp_sampler(model):
 
     src = model.generator
     size = next((k for k, v in PRESETS.items() if all(getattr(src.config, f) == x for f, x in v["dit"].items())), "s")
-    cfg = GeneratorConfig.from_preset(size, denoiser="mlp", sample_steps=50, sampler=src.config.sampler)
-    gen = WeightGenerator(cfg)
+    gen = WeightGenerator(GeneratorConfig.from_preset(size, denoiser="mlp", sampler=src.config.sampler))
     gen._build(src.dim, src.cond_dim)
     gen.mean, gen.std, gen.w0 = src.mean, src.std, src.w0
     return gen
 
 
-def measure(model, questions: list[str], routed: bool, steps: list[int], repeats: int, n_new: int) -> dict:
-    loaded, gen = model.loaded, model.generator
-    layer, act = model.layer, model.act
-    mlp = mlp_sampler(model) if gen is not None and routed else None
+def measure(model, questions: list[str], variants: dict[str, AnswerConfig], repeats: int, n_new: int,
+            mlp=None) -> dict:
+    """Paired timings: per (question, repeat), every variant and its parts against the base model."""
+    loaded = model.loaded
     times: dict[str, list[float]] = {}
-    answers: dict[str, list[list[int]]] = {}
+    ratios: dict[str, list[float]] = {}
+    routed_any = False
 
-    def add(name, value):
-        times.setdefault(name, []).append(value)
-
-    def run_generate(w, mask):
-        return generate_rows(loaded, [q], w, mask, layer, act, n_new, min_new_tokens=n_new)
+    def generate(q, w=None, mask=None):
+        return generate_rows(loaded, [q], w, mask, model.layer, model.act, n_new, min_new_tokens=n_new)
 
     for r in range(repeats):
         for i, q in enumerate(questions):
-            order = (r + i) % 2  # alternate which side runs first
-            for side in (("base", "edited") if order == 0 else ("edited", "base")):
-                t = Timer()
-                if side == "base":
-                    generate_rows(loaded, [q], max_new_tokens=n_new, min_new_tokens=n_new)
-                    add("base", t.lap())
+            names = ["base"] + list(variants) + ["parts"]
+            shift = (r * len(questions) + i) % len(names)
+            got: dict[str, float] = {}
+            for name in names[shift:] + names[:shift]:
+                t0 = time.perf_counter()
+                if name == "base":
+                    generate(q)
+                elif name != "parts":
+                    w, mask = question_weights(model, [q], variants[name])
+                    generate(q, w, mask)
+                else:  # the served path in pieces
+                    emb = model.encoder.encode([q])
+                    t1 = time.perf_counter()
+                    mask, _, _ = model.router.route(emb)
+                    t2 = time.perf_counter()
+                    w = torch.zeros(1, model.w0.numel())
+                    if mask.any():
+                        routed_any = True
+                        w[0] = model.generator.sample(emb, seed=model.cfg.sample_seed)[0]
+                    t3 = time.perf_counter()
+                    generate(q, w, mask)
+                    t4 = time.perf_counter()
+                    got |= {"encode": t1 - t0, "route": t2 - t1, "sample": t3 - t2, "generate": t4 - t3}
+                    if mlp is not None and mask.any():
+                        t5 = time.perf_counter()
+                        mlp.sample(emb)
+                        got["mlp_sample"] = time.perf_counter() - t5
                     continue
-                # the served path, as meg.answer.answer_rows runs it
-                w, mask = model.weights_fn([q])
-                ids = run_generate(w, mask)
-                add("edited", t.lap())
-                if r == 0:
-                    answers.setdefault("default", []).append(ids[0])
-                # its parts
-                emb = model.encoder.encode([q])
-                add("encode", t.lap())
-                m, _, _ = model.router.route(emb)
-                add("route", t.lap())
-                if routed and gen is not None:
-                    gen.sample(emb, seed=model.cfg.sample_seed)
-                    add("sample", t.lap())
-                run_generate(w, mask)
-                add("generate", t.lap())
-                if not routed:
-                    continue
-                for s in steps:
-                    ws = gen.sample(emb, steps=s, seed=model.cfg.sample_seed)
-                    add(f"sample_steps={s}", t.lap())
-                    if r == 0:
-                        answers.setdefault(f"steps={s}", []).append(run_generate(ws, m)[0])
-                        t.lap()
-                if mlp is not None:
-                    mlp.sample(emb, seed=0)
-                    add("sample_mlp", t.lap())
-    med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"n_questions": len(questions), "repeats": repeats, "median_seconds": med,
-           "ratio_edited_over_base": med["edited"] / med["base"]}
-    parts = med["encode"] + med["route"] + med["generate"]
-    out["ratio_generate_with_neuron_over_base"] = med["generate"] / med["base"]
-    if routed and gen is not None:
-        out["sample_share_of_edited"] = med["sample"] / med["edited"]
-        what_if = {"cached": parts / med["base"]}
-        for s in steps:
-            what_if[f"steps={s}"] = (parts + med[f"sample_steps={s}"]) / med["base"]
-        if mlp is not None:
-            what_if["mlp"] = (parts + med["sample_mlp"]) / med["base"]
-        out["what_if_ratio"] = what_if
-        out["bundle_sample_steps"] = gen.config.sample_steps
-        out["answers_same_as_bundle_steps"] = {
-            k: sum(a == b for a, b in zip(v, answers["default"])) / len(v) for k, v in answers.items()
-            if k != "default"}
-    else:
-        out["what_if_ratio"] = {}
+                got[name] = time.perf_counter() - t0
+            for k, v in got.items():
+                times.setdefault(k, []).append(v)
+                if k != "base":
+                    ratios.setdefault(k, []).append(v / got["base"])
+    out = {
+        "n_questions": len(questions), "repeats": repeats,
+        "median_ms": {k: round(1000 * statistics.median(v), 1) for k, v in times.items()},
+        "ratio_over_base": {k: round(statistics.median(v), 4) for k, v in ratios.items()
+                            if k in variants or k == "generate"},
+        "share_of_base": {k: round(statistics.median(v), 4) for k, v in ratios.items()
+                          if k in ("encode", "route", "sample", "mlp_sample")},
+    }
+    if mlp is not None and routed_any:
+        # the served path with the MLP denoiser's sampling time in place of the DiT's
+        out["ratio_over_base"]["mlp_denoiser"] = round(statistics.median(
+            [s - d + m for s, d, m in zip(ratios["served"], ratios["sample"], ratios["mlp_sample"])]), 4)
+    return out
+
+
+def quality(model, variants: dict[str, AnswerConfig], prompts: list[str], paras: list[str], targets: list[str],
+            batch: int = 32) -> dict:
+    """AG accuracy (answers == new target) of edit prompts and paraphrases under every variant (batched)."""
+    from meg.evaluate import normalise_answer
+
+    out = {}
+    want = [normalise_answer(t) for t in targets]
+    for name, cfg in variants.items():
+        res = {}
+        for kind, texts in (("edit_prompts", prompts), ("paraphrases", paras)):
+            answers = []
+            for i in range(0, len(texts), batch):
+                answers += model.answer(texts[i:i + batch], sample_steps=cfg.sample_steps,
+                                        weight_cache=cfg.weight_cache)["answers"]
+            res[kind] = round(100.0 * sum(normalise_answer(a) == w for a, w in zip(answers, want)) / len(texts), 1)
+        out[name] = res
+        print(f"  quality {name}: AG edit prompts {res['edit_prompts']}%, paraphrases {res['paraphrases']}%",
+              flush=True)
     return out
 
 
@@ -163,28 +166,38 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     model = EditedModel.load(args.bundle)
-    steps = [int(s) for s in args.steps.split(",") if s]
-    routed, unrelated = questions_for(model, args.questions)
-    print(f"bench.latency: {model.info.get('n_edits')} edits on {model.loaded.model_id}, layer {model.layer}; "
-          f"{len(routed)} routed, {len(unrelated)} unrelated questions, {args.repeats} repeats, "
-          f"{args.new_tokens} new tokens, {args.threads} threads", flush=True)
-    generate_rows(model.loaded, ["Warm-up"], max_new_tokens=2)  # first-call costs out of the way
-    model.answer(["Warm-up", routed[0]] if routed else ["Warm-up"])
+    gen = model.generator
+    prompts, paras, locs, targets = counterfact_probes(model)
+    routed = pick(model, prompts, True, args.questions) + pick(model, paras, True, args.questions)
+    unrelated = pick(model, locs, False, args.questions)
+    variants = {"served": AnswerConfig()}
+    variants |= {f"steps={s}": AnswerConfig(sample_steps=int(s)) for s in args.steps.split(",") if s}
+    variants["edit_cache"] = AnswerConfig(weight_cache="edit")
+    print(f"bench.latency: {model.info.get('n_edits')} edits on {model.loaded.model_id}, layer {model.layer}, "
+          f"generator {gen.config.denoiser} {gen.config.sample_steps} steps; {len(routed)} routed and "
+          f"{len(unrelated)} unrelated questions, {args.repeats} repeats, {args.new_tokens} new tokens, "
+          f"{args.threads} threads", flush=True)
+    for cfg in variants.values():  # warm-up: first-call costs and the edit cache out of the way
+        question_weights(model, routed[:1], cfg)
+    generate_rows(model.loaded, routed[:1], max_new_tokens=2)
     result = {"bundle": str(args.bundle), "model": model.loaded.model_id, "n_edits": model.info.get("n_edits"),
-              "new_tokens": args.new_tokens, "threads": args.threads, "generator": (
-                  {k: getattr(model.generator.config, k) for k in ("denoiser", "width", "depth", "sample_steps",
-                                                                   "sampler")} if model.generator else None)}
-    for name, qs, is_routed in (("routed", routed, True), ("unrelated", unrelated, False)):
+              "new_tokens": args.new_tokens, "threads": args.threads,
+              "generator": {k: getattr(gen.config, k) for k in ("denoiser", "width", "depth", "sample_steps",
+                                                                "sampler")}}
+    for name, qs in (("routed", routed), ("unrelated", unrelated)):
         t0 = time.time()
-        result[name] = measure(model, qs, is_routed, steps, args.repeats, args.new_tokens)
+        result[name] = measure(model, qs, variants, args.repeats, args.new_tokens,
+                               mlp_sampler(model) if name == "routed" else None)
         r = result[name]
-        print(f"{name}: edited/base = {r['ratio_edited_over_base']:.3f}  "
-              + "  ".join(f"{k} {v * 1000:.1f} ms" for k, v in r["median_seconds"].items())
-              + f"  ({time.time() - t0:.0f} s)", flush=True)
-        for k, v in r["what_if_ratio"].items():
-            print(f"  what if {k}: edited/base = {v:.3f}", flush=True)
-        for k, v in r.get("answers_same_as_bundle_steps", {}).items():
-            print(f"  {k}: {100 * v:.0f}% of answers identical to the bundle's setting", flush=True)
+        print(f"{name} ({time.time() - t0:.0f} s): median ms " + ", ".join(f"{k} {v}" for k, v in r["median_ms"].items()),
+              flush=True)
+        print("  edited / base: " + ", ".join(f"{k} {v:.3f}" for k, v in r["ratio_over_base"].items()), flush=True)
+        print("  share of a base answer's time: " + ", ".join(f"{k} {v:.3f}" for k, v in r["share_of_base"].items()),
+              flush=True)
+    if args.quality:
+        n = min(args.quality, len(prompts))
+        result["quality_ag"] = quality(model, variants, prompts[:n], paras[:n], targets[:n])
+        result["quality_n"] = n
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -35,14 +35,29 @@ if TYPE_CHECKING:
     from meg.lm import LoadedModel
 
 
+WEIGHT_CACHES = ("off", "edit")
+
+
 @dataclass
 class AnswerConfig:
     max_new_tokens: int = 20  # tokens generated at most per answer (the evaluation protocol's 20)
     stop_at_newline: bool = True  # stop a row at its first newline: the answer is the first line anyway
     top_k: int = 3  # nearest edits listed by an explanation
+    # Speed options (off by default: the defaults answer exactly as MeG does; docs/serving.md has their cost
+    # and measured effect on answers):
+    sample_steps: int | None = None  # generator denoising steps per routed question (None: the bundle's)
+    # "off": weights generated for every routed question from its own embedding (MeG); "edit": generated once
+    # per edit from the edit prompt's embedding and reused for every question routed to that edit
+    weight_cache: str = "off"
 
     def __post_init__(self) -> None:
         from meg.errors import ConfigError
+
+        if self.sample_steps is not None and (not isinstance(self.sample_steps, int) or self.sample_steps < 1):
+            raise ConfigError(f"answer: bad value for 'sample_steps': {self.sample_steps!r} (an integer >= 1 or null)")
+        if self.weight_cache not in WEIGHT_CACHES:
+            raise ConfigError(f"answer: bad value for 'weight_cache': {self.weight_cache!r} "
+                              f"({' | '.join(WEIGHT_CACHES)})")
 
         for name in ("max_new_tokens", "top_k"):
             value = getattr(self, name)
@@ -143,6 +158,37 @@ def nearest_edits(model: "EditedModel", emb: torch.Tensor, k: int) -> list[list[
     return out
 
 
+_EDIT_WEIGHTS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+
+def edit_weights(model: "EditedModel", steps: int | None = None) -> torch.Tensor:
+    """(N, P) generator weights of every edit, from its prompt's embedding; computed once per model and steps.
+
+    DDIM sampling starts every row from the same seeded noise, so an edit prompt asked as a question
+    gets these very weights (up to rounding of batched products).
+    """
+    per_model = _EDIT_WEIGHTS.setdefault(model, {})
+    if steps not in per_model:
+        per_model[steps] = model.generator.sample(model.router.edit_emb, steps=steps, seed=model.cfg.sample_seed)
+    return per_model[steps]
+
+
+def question_weights(model: "EditedModel", questions: list[str], cfg: AnswerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neuron weights (n, P) and routed mask (n,): the model's own ``weights_fn`` unless a speed option is on."""
+    uses_generator = model.generator is not None and model.cfg.weights == "generator" and model.router is not None
+    if (cfg.sample_steps is None and cfg.weight_cache == "off") or not uses_generator:
+        return model.weights_fn(questions)
+    emb, mask, nearest, _ = model.route(questions)
+    w = torch.zeros(len(questions), model.w0.numel())
+    rows = mask.nonzero().flatten()
+    if rows.numel():
+        if cfg.weight_cache == "edit":
+            w[rows] = edit_weights(model, cfg.sample_steps)[nearest[rows]]
+        else:
+            w[rows] = model.generator.sample(emb[rows], steps=cfg.sample_steps, seed=model.cfg.sample_seed)
+    return w, mask
+
+
 def answer_rows(model: "EditedModel", questions: list[str], explain: list[bool],
                 cfg: AnswerConfig | None = None) -> tuple[list[str], list[dict | None]]:
     """Answers, and an explanation for every question whose ``explain`` flag is set (None for the others)."""
@@ -152,7 +198,7 @@ def answer_rows(model: "EditedModel", questions: list[str], explain: list[bool],
         raise ValueError(f"{n} questions but {len(explain)} explain flags")
     if n == 0:
         return [], []
-    w, active = model.weights_fn(questions)  # (n, P), (n,)
+    w, active = question_weights(model, questions, cfg)  # (n, P), (n,)
     # explained routed questions run a second time with the neuron off: the base model's answer
     base_rows = [i for i in range(n) if explain[i] and bool(active[i])]
     base_of = {i: n + j for j, i in enumerate(base_rows)}

@@ -13,8 +13,12 @@ if TYPE_CHECKING:
 HELP = "Ask a question (the model completes it). ':explain' toggles explanations, ':quit' ends."
 
 
-def chat_loop(model: "EditedModel", inp: TextIO, out: TextIO, explain: bool = False, max_new_tokens: int = 20) -> int:
-    """Read questions from ``inp`` until ':quit' or end of input; returns how many were answered."""
+def chat_loop(model: "EditedModel", inp: TextIO, out: TextIO, explain: bool = False, max_new_tokens: int = 20,
+              **options) -> int:
+    """Read questions from ``inp`` until ':quit' or end of input; returns how many were answered.
+
+    ``options`` are passed to ``EditedModel.answer`` (speed options of meg.answer.AnswerConfig).
+    """
     from meg.cli_model import format_explanation
 
     print(f"meg chat: {model.info.get('n_edits', '?')} edits on {model.loaded.model_id}. {HELP}", file=out, flush=True)
@@ -36,7 +40,7 @@ def chat_loop(model: "EditedModel", inp: TextIO, out: TextIO, explain: bool = Fa
         if question.startswith(":"):
             print(HELP, file=out, flush=True)
             continue
-        res = model.answer([question], explain=explain, max_new_tokens=max_new_tokens)
+        res = model.answer([question], explain=explain, max_new_tokens=max_new_tokens, **options)
         print(format_explanation(res["explanations"][0]) if explain else res["answers"][0], file=out, flush=True)
         answered += 1
     print("", file=out, flush=True)

@@ -32,6 +32,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--json", action="store_true", help="print the service's JSON response instead of text")
     a.add_argument("--max-new-tokens", type=int, default=20)
     a.add_argument("--threads", type=int, default=None)
+    _speed_options(a)
     a.set_defaults(func=_ask)
 
     c = sub.add_parser("chat", help="interactive questions to an edited model (':explain' toggles explanations)")
@@ -39,6 +40,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--explain", action="store_true")
     c.add_argument("--max-new-tokens", type=int, default=20)
     c.add_argument("--threads", type=int, default=None)
+    _speed_options(c)
     c.set_defaults(func=_chat)
 
     s = sub.add_parser("serve", help="HTTP service: GET /health, POST /v1/answer, GET /openapi.json")
@@ -54,7 +56,19 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-chars", type=int, default=2000, help="characters per question at most (then 413)")
     s.add_argument("--max-new-tokens", type=int, default=20)
     s.add_argument("--threads", type=int, default=None)
+    _speed_options(s)
     s.set_defaults(func=_serve)
+
+
+def _speed_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sample-steps", type=int, default=None,
+                   help="generator denoising steps per routed question (default: the bundle's)")
+    p.add_argument("--weight-cache", choices=["off", "edit"], default="off",
+                   help="'edit': generate each edit's weights once and reuse them (faster; see docs/serving.md)")
+
+
+def _speed(args: argparse.Namespace) -> dict:
+    return {"sample_steps": args.sample_steps, "weight_cache": args.weight_cache}
 
 
 def _threads(n: int | None) -> None:
@@ -85,7 +99,7 @@ def _ask(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     model = open_model(args.model)
-    out = model.answer(args.questions, explain=args.explain, max_new_tokens=args.max_new_tokens)
+    out = model.answer(args.questions, explain=args.explain, max_new_tokens=args.max_new_tokens, **_speed(args))
     if args.json:
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
@@ -115,7 +129,8 @@ def _chat(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     model = open_model(args.model)
-    chat_loop(model, sys.stdin, sys.stdout, explain=args.explain, max_new_tokens=args.max_new_tokens)
+    chat_loop(model, sys.stdin, sys.stdout, explain=args.explain, max_new_tokens=args.max_new_tokens,
+              **_speed(args))
     return 0
 
 
@@ -124,6 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     cfg = ServiceConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_questions=args.max_questions,
-                        max_chars=args.max_chars, max_new_tokens=args.max_new_tokens, threads=args.threads)
+                        max_chars=args.max_chars, max_new_tokens=args.max_new_tokens, threads=args.threads,
+                        **_speed(args))
     run_service(args.model, cfg, base_only=args.base)
     return 0

@@ -173,12 +173,14 @@ class EditedModel(evaluate.EditedLM):
     # ---- using the edited model (meg.answer) ----------------------------------------------------
 
     def answer(self, questions: list[str], explain: bool = False, max_new_tokens: int = evaluate.MAX_NEW_TOKENS,
-               stop_at_newline: bool = True) -> dict:
-        """``{"answers": [...]}`` (+ ``"explanations"``): what the CLI, the service and the pyfunc model return."""
+               **options) -> dict:
+        """``{"answers": [...]}`` (+ ``"explanations"``): what the CLI, the service and the pyfunc model return.
+
+        ``options`` are further ``meg.answer.AnswerConfig`` fields (stop_at_newline, sample_steps, weight_cache).
+        """
         from meg.answer import AnswerConfig, answer
 
-        return answer(self, list(questions), explain, AnswerConfig(max_new_tokens=max_new_tokens,
-                                                                    stop_at_newline=stop_at_newline))
+        return answer(self, list(questions), explain, AnswerConfig(max_new_tokens=max_new_tokens, **options))
 
     def generate(self, inputs=None, max_new_tokens: int = evaluate.MAX_NEW_TOKENS, *, input_ids=None,
                  attention_mask=None, **generate_kwargs):

@@ -49,6 +49,8 @@ class ServiceConfig:
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     max_queue: int = 256  # questions waiting at most (503 beyond)
     max_new_tokens: int = 20  # tokens generated per answer at most
+    sample_steps: int | None = None  # generator denoising steps (None: the bundle's); see meg.answer.AnswerConfig
+    weight_cache: str = "off"  # "edit": generate weights once per edit and reuse them; see meg.answer.AnswerConfig
     threads: int | None = None  # torch CPU threads (None: torch's default)
 
     def __post_init__(self) -> None:
@@ -60,14 +62,19 @@ class ServiceConfig:
             raise ConfigError(f"service: bad value for 'port': {self.port!r} (0-65535)")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ConfigError(f"service: bad value for 'threads': {self.threads!r} (an integer >= 1 or null)")
-        BatchConfig(self.max_batch_size, self.max_wait_ms, self.max_queue)  # raises on bad batching settings
+        self.batch_config(), self.answer_config()  # both raise on bad settings
         if self.max_questions > self.max_batch_size:
             raise ConfigError(f"service: bad value for 'max_questions': {self.max_questions} (at most "
                               f"max_batch_size = {self.max_batch_size}: a request is answered in one pass)")
 
-    @property
-    def batch(self) -> BatchConfig:
+    def batch_config(self) -> BatchConfig:
         return BatchConfig(self.max_batch_size, self.max_wait_ms, self.max_queue)
+
+    def answer_config(self):
+        from meg.answer import AnswerConfig
+
+        return AnswerConfig(max_new_tokens=self.max_new_tokens, sample_steps=self.sample_steps,
+                            weight_cache=self.weight_cache)
 
 
 class ApiError(Exception):
@@ -183,7 +190,7 @@ def create_app(answer_rows: Callable, cfg: ServiceConfig, model_info: dict):
         (422, "The JSON has the wrong shape."), (503, "The queue is full; retry after Retry-After seconds."),
         (500, "The model failed on the batch."))}
 
-    batcher = Batcher(answer_rows, cfg.batch)
+    batcher = Batcher(answer_rows, cfg.batch_config())
     started = time.time()
 
     @asynccontextmanager
@@ -263,14 +270,17 @@ def create_app(answer_rows: Callable, cfg: ServiceConfig, model_info: dict):
 
 def model_answerer(model_ref, cfg: ServiceConfig, base_only: bool = False) -> tuple[Callable, dict]:
     """(answer_rows, description) for a bundle or registry reference; ``base_only`` serves its base model."""
-    from meg.answer import AnswerConfig, answer_rows, base_answer_rows
+    from meg.answer import answer_rows, base_answer_rows, edit_weights
     from meg.bundle import open_model
 
     model = model_ref if hasattr(model_ref, "answer") else open_model(model_ref)
-    acfg = AnswerConfig(max_new_tokens=cfg.max_new_tokens)
+    acfg = cfg.answer_config()
+    if acfg.weight_cache == "edit" and not base_only and model.generator is not None:
+        edit_weights(model, acfg.sample_steps)  # generated now, not on the first request
     info = {"bundle": None if model is model_ref else str(model_ref),
             "base_model": model.loaded.model_id, "n_edits": model.info.get("n_edits"), "layer": model.layer,
-            "router": model.cfg.router, "weights": model.cfg.weights, "edited": not base_only}
+            "router": model.cfg.router, "weights": model.cfg.weights, "edited": not base_only,
+            "sample_steps": acfg.sample_steps, "weight_cache": acfg.weight_cache}
     if base_only:
         return partial(base_answer_rows, model.loaded, cfg=acfg), info
     return partial(answer_rows, model, cfg=acfg), info

@@ -132,3 +132,31 @@ def test_answer_config_is_checked():
         AnswerConfig(top_k=-1)
     with pytest.raises(ConfigError, match="'stop_at_newline'"):
         AnswerConfig(stop_at_newline="yes")
+
+
+def test_speed_options(model, questions):
+    from meg.answer import edit_weights, question_weights
+
+    edits = tiny_edits()
+    n = len(edits)
+    default_w, default_mask = model.weights_fn(questions)
+    steps = model.generator.config.sample_steps
+    w, mask = question_weights(model, questions, AnswerConfig(sample_steps=steps))  # the bundle's steps: same
+    assert torch.equal(mask, default_mask) and torch.allclose(w, default_w, atol=1e-5)
+    cached = edit_weights(model)
+    assert cached.shape == (n, model.w0.numel()) and edit_weights(model) is cached  # computed once
+    w, mask = question_weights(model, questions, AnswerConfig(weight_cache="edit"))
+    assert torch.equal(mask, default_mask)
+    assert torch.allclose(w[:n], default_w[:n], atol=1e-4)  # an edit prompt gets its own generated weights
+    _, _, nearest, _ = model.route(questions)
+    routed = mask.nonzero().flatten()
+    assert torch.equal(w[routed], cached[nearest[routed]]) and not w[~mask].any()
+    plain = model.answer(questions)["answers"]
+    fast = model.answer(questions, weight_cache="edit")["answers"]
+    assert fast[:n] == plain[:n] and fast[2 * n:] == plain[2 * n:]  # edit prompts and unrelated: unchanged
+    few = model.answer(questions, sample_steps=2)["answers"]
+    assert few[2 * n:] == plain[2 * n:]
+    with pytest.raises(ConfigError, match="'weight_cache'"):
+        AnswerConfig(weight_cache="query")
+    with pytest.raises(ConfigError, match="'sample_steps'"):
+        AnswerConfig(sample_steps=0)
