@@ -54,7 +54,7 @@ class BenchResult:
 
     def summary(self) -> dict:
         return {"model": self.model, "model_hash": self.model_hash, "dataset": self.dataset,
-                "n_edits": self.n_edits, "methods": self.methods}
+                "n_edits": self.n_edits, "methods": self.methods, "details": self.extras}
 
     def write(self, out: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)

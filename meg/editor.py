@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,6 +71,8 @@ class EditedModel(evaluate.EditedLM):
         self.encoder, self.router, self.generator, self.w0 = encoder, router, generator, w0
         self.cfg, self.lookup, self.info = cfg, lookup, info or {}
         self.extra_metrics: dict = {}
+        self.cache_size = 8192  # prompts whose neuron weights are kept (about 4.6 KB each for SmolLM2)
+        self._cache: OrderedDict[str, tuple[torch.Tensor, bool]] = OrderedDict()
 
     def route(self, prompts: list[str]):
         emb = self.encoder.encode(prompts)
@@ -80,15 +83,29 @@ class EditedModel(evaluate.EditedLM):
         return emb, mask, nearest, conf
 
     def _weights_for(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        emb, mask, nearest, _ = self.route(prompts)
-        w = torch.zeros(len(prompts), self.w0.numel())
-        rows = mask.nonzero().flatten()
-        if rows.numel():
-            if self.cfg.weights == "lookup":
-                w[rows] = self.lookup[nearest[rows]]
-            else:
-                w[rows] = self.generator.sample(emb[rows], seed=self.cfg.sample_seed)
-        return w, mask
+        """Neuron weights (B, P) and routed mask (B,) for a batch; a prompt seen before is not re-sampled.
+
+        Sampling is seeded per call and a row's sample does not depend on the other rows, so the
+        cache returns what a fresh call would (evaluation asks for each prompt several times).
+        """
+        todo = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if todo:
+            emb, mask, nearest, _ = self.route(todo)
+            w = torch.zeros(len(todo), self.w0.numel())
+            rows = mask.nonzero().flatten()
+            if rows.numel():
+                if self.cfg.weights == "lookup":
+                    w[rows] = self.lookup[nearest[rows]]
+                else:
+                    w[rows] = self.generator.sample(emb[rows], seed=self.cfg.sample_seed)
+            for i, p in enumerate(todo):
+                self._cache[p] = (w[i], bool(mask[i]))
+                if len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        hits = [self._cache[p] for p in prompts]
+        for p in prompts:
+            self._cache.move_to_end(p)
+        return torch.stack([h[0] for h in hits]), torch.tensor([h[1] for h in hits])
 
     def explain(self, prompts: list[str]) -> list[dict]:
         _, mask, nearest, conf = self.route(prompts)
@@ -242,7 +259,12 @@ class MegEditor(evaluate.Editor):
 
     def apply(self, loaded: lm.LoadedModel, edits: "list[EditRequest]") -> EditedModel:
         model = build(loaded, edits, self.cfg, self.work_dir, self.progress)
-        model.extra_metrics = {**model.info.get("timings", {}), **router_confusion(model, edits)}
+        model.extra_metrics = {
+            "timings": model.info.get("timings", {}),
+            "fit": model.info.get("fit"),
+            "calibration": model.info.get("calibration"),
+            "router_confusion": router_confusion(model, edits),
+        }
         return model
 
 

@@ -5,7 +5,9 @@ Protocol (every number says which one it uses):
 - **TF** (teacher-forced): prompt + target[:i] is fed for each target token i; a token counts when
   the argmax is target token i; averaged over tokens, then over items.
 - **AG** (autoregressive generation): greedy decoding of up to 20 new tokens, cut at the first
-  newline, a trailing '.' stripped, case-insensitive exact match with the target.
+  newline, a trailing '.' stripped, case-insensitive exact match with the target. A row stops
+  generating once its outcome is decided (a newline, or text that can no longer match), which
+  leaves the metric unchanged and saves most of the decoding.
 - **Reliability** uses the edit prompt, **Generality** the first paraphrase, **Locality** the first
   locality prompt of each edit. The locality label is the *pre-edit* model's own greedy answer
   (AG: its text; TF: its tokens), so locality asks "did the output change", not "is it right".
@@ -50,6 +52,26 @@ def normalise_answer(text: str) -> str:
     return text.casefold()
 
 
+def answer_decided(text: str, want: str | None) -> bool:
+    """Whether more generated tokens can no longer change the AG outcome for ``text`` vs ``want``.
+
+    ``text`` is the continuation decoded so far, ``want`` a normalised expected answer (or None:
+    only the first newline decides). AG compares the first line only, so a newline decides. Without
+    one, the outcome is still open while the stripped, case-folded text is a prefix of ``want``, or
+    is ``want`` followed by nothing but dots and spaces (a newline could still follow); anything
+    else can never normalise to ``want``. Conservative where unsure: a trailing replacement
+    character (an incomplete multi-byte character) keeps the row going.
+    """
+    if "\n" in text:
+        return True
+    if want is None:
+        return False
+    head = text.lstrip().rstrip("\ufffd").casefold()
+    if want.startswith(head):
+        return False
+    return not (head.startswith(want) and not head[len(want):].strip(". "))
+
+
 class EditedLM:
     """A base model, possibly changed by an editor, that generates and scores prompts.
 
@@ -91,8 +113,19 @@ class EditedLM:
             yield order[i : i + self.batch_size]
 
     @torch.no_grad()
-    def generate_ids(self, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS) -> list[list[int]]:
-        """Greedy continuations (token ids, without the prompt) in the order of ``prompts``."""
+    def generate_ids(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        expected: list[str | None] | None = None,
+    ) -> list[list[int]]:
+        """Greedy continuations (token ids, without the prompt) in the order of ``prompts``.
+
+        With ``expected`` (one normalised answer or None per prompt), a row stops as soon as its AG
+        outcome is decided (``answer_decided``): at the first newline, or once the text can no
+        longer match. The AG metrics are the same as with full-length generation; the decoded
+        outputs are shorter.
+        """
         tok, model = self.loaded.tokenizer, self.loaded.model
         out: list[list[int]] = [[] for _ in prompts]
         with self._neuron_ctx() as neuron_mod:
@@ -100,12 +133,16 @@ class EditedLM:
                 batch_prompts = [prompts[i] for i in idx]
                 enc = tok(batch_prompts, return_tensors="pt", padding=True).to(model.device)
                 self._set(neuron_mod, batch_prompts)
+                stop = None
+                if expected is not None:
+                    stop = [_AnswerStop(tok, enc.input_ids.shape[1], [expected[i] for i in idx])]
                 gen = model.generate(
                     **enc,
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=tok.pad_token_id,
                     eos_token_id=tok.eos_token_id,
+                    stopping_criteria=stop,
                 )
                 new = gen[:, enc.input_ids.shape[1] :]
                 for row, i in enumerate(idx):
@@ -115,9 +152,12 @@ class EditedLM:
                     out[i] = ids
         return out
 
-    def generate(self, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    def generate(
+        self, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS, expected: list[str | None] | None = None
+    ) -> list[str]:
         tok = self.loaded.tokenizer
-        return [tok.decode(ids, skip_special_tokens=True) for ids in self.generate_ids(prompts, max_new_tokens)]
+        ids = self.generate_ids(prompts, max_new_tokens, expected)
+        return [tok.decode(i, skip_special_tokens=True) for i in ids]
 
     @torch.no_grad()
     def score_ids(self, prompts: list[str], target_ids: list[list[int]]) -> tuple[list[float], list[float]]:
@@ -143,6 +183,21 @@ class EditedLM:
         tok = self.loaded.tokenizer
         ids = [tok(textbatch.target_text(t), add_special_tokens=False).input_ids for t in targets]
         return self.score_ids(prompts, ids)
+
+
+class _AnswerStop:
+    """Stopping criterion: a row is done once its AG outcome is decided (see ``answer_decided``)."""
+
+    def __init__(self, tok, prompt_len: int, expected: list[str | None]):
+        self.tok, self.prompt_len, self.expected = tok, prompt_len, expected
+        self.done = torch.zeros(len(expected), dtype=torch.bool)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.prompt_len :]
+        for row in (~self.done).nonzero().flatten().tolist():
+            text = self.tok.decode(new[row], skip_special_tokens=True)
+            self.done[row] = answer_decided(text, self.expected[row])
+        return self.done.to(input_ids.device).clone()
 
 
 class Editor(ABC):
@@ -183,7 +238,7 @@ def _answer_ids(tok, ids: list[int]) -> list[int]:
 
 def locality_labels(base: EditedLM, edits: "list[EditRequest]") -> LocalityLabels:
     prompts = [e.locality[0].prompt if e.locality else e.prompt for e in edits]
-    gen = base.generate_ids(prompts)
+    gen = base.generate_ids(prompts, expected=[None] * len(prompts))  # the first line is all that counts
     tok = base.loaded.tokenizer
     return LocalityLabels(
         prompts=prompts,
@@ -211,10 +266,11 @@ def evaluate(model: EditedLM, edits: "list[EditRequest]", labels: LocalityLabels
     prompts = [e.prompt for e in edits]
     paras = [e.paraphrases[0] if e.paraphrases else e.prompt for e in edits]
     targets = [e.target_new for e in edits]
-    texts = model.generate(prompts + paras + labels.prompts)
+    want = [normalise_answer(t) for t in targets]
+    loc_want = [normalise_answer(t) for t in labels.texts]
+    texts = model.generate(prompts + paras + labels.prompts, expected=want + want + loc_want)
     n = len(edits)
     rel_txt, gen_txt, loc_txt = texts[:n], texts[n : 2 * n], texts[2 * n :]
-    want = [normalise_answer(t) for t in targets]
     rel_ag = [normalise_answer(t) == w for t, w in zip(rel_txt, want)]
     gen_ag = [normalise_answer(t) == w for t, w in zip(gen_txt, want)]
     loc_ag = [normalise_answer(t) == normalise_answer(l) for t, l in zip(loc_txt, labels.texts)]

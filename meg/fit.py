@@ -7,8 +7,8 @@ loss is a sum of per-edit losses and the optimiser acts element by element, so e
 trajectory equals fitting it alone.
 
 Speed on a CPU comes from three things:
-- the residual stream entering layer L is computed once per edit (no grad) and replayed, so each
-  step runs only layers L..N-1;
+- the FFN input x and the output of layer L are computed once per edit (no grad); the neuron
+  changes that output by exactly v * act(k . x + b), so each step runs only layers L+1..N-1;
 - logits are computed only at the target positions;
 - an edit leaves the batch as soon as it succeeds (greedy decoding reproduces its target and the
   suffix that ends the answer), so late steps run on the few slow edits only.
@@ -116,32 +116,43 @@ class FitResult:
 
 
 class _Skip(nn.Module):
-    """Stands in for a decoder layer below L while cached states are replayed."""
+    """Stands in for a decoder layer below the replayed ones; the last of them emits the cached state."""
+
+    def __init__(self, holder: dict | None = None):
+        super().__init__()
+        self.holder = holder
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return hidden_states
+        return self.holder["h"] if self.holder is not None else hidden_states
 
 
 @contextmanager
-def replay_from(model: nn.Module, layer: int, holder: dict) -> Iterator[None]:
-    """Run the model from layer ``layer`` on, feeding it ``holder["h"]`` as that layer's input."""
+def replay_from(model: nn.Module, start: int, holder: dict) -> Iterator[None]:
+    """Run only layers ``start``..N-1, with ``holder["h"]`` as the residual stream entering layer ``start``.
+
+    Layers below ``start`` are swapped for stand-ins (the last one emits ``holder["h"]``) and put
+    back on exit. ``start`` may be N: then only the final norm and the LM head run.
+    """
     layers = lm.decoder_layers(model)
-    originals = [layers[i] for i in range(layer)]
-
-    def feed(module, args, kwargs):
-        if args:
-            return (holder["h"],) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": holder["h"]}
-
-    handle = layers[layer].register_forward_pre_hook(feed, with_kwargs=True)
-    for i in range(layer):
-        layers[i] = _Skip()
+    if not 1 <= start <= len(layers):
+        raise ValueError(f"replay_from: start must be in 1..{len(layers)}, got {start}")
+    originals = [layers[i] for i in range(start)]
+    for i in range(start):
+        layers[i] = _Skip(holder if i == start - 1 else None)
     try:
         yield
     finally:
-        handle.remove()
         for i, original in enumerate(originals):
             layers[i] = original
+
+
+def _run_base(model: nn.Module, batch: textbatch.TargetBatch) -> None:
+    model.base_model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=textbatch.position_ids(batch.attention_mask),
+        use_cache=False,
+    )
 
 
 @torch.no_grad()
@@ -153,20 +164,60 @@ def layer_inputs(model: nn.Module, layer: int, batch: textbatch.TargetBatch) -> 
         captured["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
         raise _Stop
 
-    layers = lm.decoder_layers(model)
-    handle = layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    handle = lm.decoder_layers(model)[layer].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        model.base_model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=textbatch.position_ids(batch.attention_mask),
-            use_cache=False,
-        )
+        _run_base(model, batch)
     except _Stop:
         pass
     finally:
         handle.remove()
     return captured["h"]
+
+
+@torch.no_grad()
+def layer_states(
+    model: nn.Module, layer: int, batch: textbatch.TargetBatch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(FFN input, FFN output, layer output) at ``layer``, each (B, T, D), from one partial forward pass.
+
+    The neuron's input x does not depend on the neuron, and the neuron only adds
+    v * act(k . x + b) to the FFN output; ``with_ffn_delta`` turns that into the new layer output,
+    so fitting needs to run only the layers above ``layer``.
+    """
+    captured = {}
+
+    def grab_ffn(module, args, kwargs, output):
+        captured["x"] = (args[0] if args else next(iter(kwargs.values()))).detach()
+        captured["f"] = output.detach()
+
+    def grab_out(module, args, kwargs, output):
+        captured["h"] = (output[0] if isinstance(output, tuple) else output).detach()
+        raise _Stop
+
+    h1 = lm.ffn_module(model, layer).register_forward_hook(grab_ffn, with_kwargs=True)
+    h2 = lm.decoder_layers(model)[layer].register_forward_hook(grab_out, with_kwargs=True)
+    try:
+        _run_base(model, batch)
+    except _Stop:
+        pass
+    finally:
+        h1.remove()
+        h2.remove()
+    return captured["x"], captured["f"], captured["h"]
+
+
+def with_ffn_delta(model: nn.Module, layer: int, ffn_out: torch.Tensor, layer_out: torch.Tensor,
+                   delta: torch.Tensor) -> torch.Tensor:
+    """The layer's output had its FFN output been ``ffn_out + delta`` (all (B, T, D)).
+
+    Most families add the FFN output straight to the residual stream, so the delta adds through;
+    Gemma-3 normalises the FFN output first, so the residual is recovered and the norm re-applied.
+    """
+    norm_name = lm.arch_of(model).post_ffn_norm
+    if norm_name is None:
+        return layer_out + delta
+    norm = getattr(lm.decoder_layers(model)[layer], norm_name)
+    return layer_out - norm(ffn_out) + norm(ffn_out + delta)
 
 
 class _Stop(Exception):
@@ -235,9 +286,11 @@ def _adam_step(w, grad, state, lr, rows, b1=0.9, b2=0.999, eps=1e-8):
     w[rows] -= lr * mhat / (vhat.sqrt() + eps)
 
 
-def _fit_chunk(model, neuron_mod, layer, batch, edit_of_row, n_edits, w0, cfg):
+def _fit_chunk(model, layer, batch, edit_of_row, n_edits, w0, cfg):
     """Optimise one chunk of edits; returns weights, success, steps and loss per edit."""
-    hidden = layer_inputs(model, layer, batch)  # (R, T, D)
+    x_all, f_all, h_all = layer_states(model, layer, batch)  # (R, T, D) each: FFN input, FFN output, layer output
+    act = neuron.activation_fn(cfg.act, model)
+    d = x_all.shape[-1]
     w = w0.expand(n_edits, -1).clone()  # (E, P)
     state = {"m": torch.zeros_like(w), "v": torch.zeros_like(w), "t": torch.zeros(n_edits, dtype=torch.long)}
     done = torch.zeros(n_edits, dtype=torch.bool)
@@ -245,19 +298,23 @@ def _fit_chunk(model, neuron_mod, layer, batch, edit_of_row, n_edits, w0, cfg):
     steps = torch.zeros(n_edits, dtype=torch.long)
     loss_out = torch.full((n_edits,), float("nan"))
     holder: dict = {}
-    with replay_from(model, layer, holder):
+    with replay_from(model, layer + 1, holder):
         for step in range(cfg.max_steps + 1):
             active = (~done).nonzero().flatten()  # (A,) edits still training
             if active.numel() == 0:
                 break
             row_sel = torch.isin(edit_of_row, active).nonzero().flatten()
             sub = _select_rows(batch, row_sel)
-            holder["h"] = hidden.index_select(0, row_sel)
             remap = torch.full((n_edits,), -1, dtype=torch.long)
             remap[active] = torch.arange(active.numel())
             row_edit = remap[edit_of_row[row_sel]]  # (R',) index into active
             w_act = w[active].clone().requires_grad_(True)
-            neuron_mod.set_weights(w_act[row_edit], active=torch.ones(row_sel.numel(), dtype=torch.bool))
+            k, v, b = neuron.unpack(w_act[row_edit], d)  # (R', D), (R', D), (R',)
+            x = x_all.index_select(0, row_sel)  # (R', T, D)
+            z = act(torch.einsum("rtd,rd->rt", x, k) + b[:, None])  # (R', T)
+            delta = z.unsqueeze(-1) * v[:, None, :]  # (R', T, D)
+            holder["h"] = with_ffn_delta(model, layer, f_all.index_select(0, row_sel), h_all.index_select(0, row_sel),
+                                         delta)
             logits = textbatch.logits_at(model, sub)
             ce = torch.nn.functional.cross_entropy(logits, sub.labels, reduction="none")
             row_loss = textbatch.per_row_mean(ce, sub.owner, row_sel.numel())
@@ -288,7 +345,6 @@ def _fit_chunk(model, neuron_mod, layer, batch, edit_of_row, n_edits, w0, cfg):
                 else:
                     w[rows] -= cfg.lr * grad
             steps[rows] += 1
-    neuron_mod.clear()
     return w, success, steps, loss_out
 
 
@@ -337,28 +393,27 @@ def fit_edits(
     prefixes = context_prefixes(loaded, cfg.n_prefixes, cfg.prefix_tokens, cfg.seed)
     results: dict[str, dict[str, torch.Tensor]] = dict(known)
     bar = tqdm(total=len(todo), desc=f"fit L{layer}", unit="edit", disable=not progress)
-    with neuron.attached_neuron(model, layer, cfg.act) as neuron_mod:
-        for start in range(0, len(todo), cfg.chunk_size):
-            chunk = todo[start : start + cfg.chunk_size]
-            prompts, targets, edit_of_row = [], [], []
-            for i, e in enumerate(chunk):
-                rewordings = bank.variants(e.prompt, e.subject, cfg.n_variants) if bank else []
-                for text in [e.prompt] + rewordings + [f"{p} {e.prompt}" for p in prefixes]:
-                    prompts.append(text)
-                    targets.append(e.target_new)
-                    edit_of_row.append(i)
-            batch = textbatch.encode(tok, prompts, targets, cfg.suffix).to(cfg.device)
-            w, ok, steps, loss = _fit_chunk(
-                model, neuron_mod, layer, batch, torch.tensor(edit_of_row), len(chunk), w0.to(cfg.device), cfg
-            )
-            tensors = {"w": w.detach().cpu(), "success": ok, "steps": steps, "loss": loss}
-            chunk_keys = [e.content_key for e in chunk]
-            if store:
-                store.add(chunk_keys, tensors)
-            for i, key in enumerate(chunk_keys):
-                results[key] = {name: t[i] for name, t in tensors.items()}
-            bar.update(len(chunk))
-            bar.set_postfix(ok=f"{sum(int(results[k]['success']) for k in chunk_keys)}/{len(chunk)}")
+    for start in range(0, len(todo), cfg.chunk_size):
+        chunk = todo[start : start + cfg.chunk_size]
+        prompts, targets, edit_of_row = [], [], []
+        for i, e in enumerate(chunk):
+            rewordings = bank.variants(e.prompt, e.subject, cfg.n_variants) if bank else []
+            for text in [e.prompt] + rewordings + [f"{p} {e.prompt}" for p in prefixes]:
+                prompts.append(text)
+                targets.append(e.target_new)
+                edit_of_row.append(i)
+        batch = textbatch.encode(tok, prompts, targets, cfg.suffix).to(cfg.device)
+        w, ok, steps, loss = _fit_chunk(
+            model, layer, batch, torch.tensor(edit_of_row), len(chunk), w0.to(cfg.device), cfg
+        )
+        tensors = {"w": w.detach().cpu(), "success": ok, "steps": steps, "loss": loss}
+        chunk_keys = [e.content_key for e in chunk]
+        if store:
+            store.add(chunk_keys, tensors)
+        for i, key in enumerate(chunk_keys):
+            results[key] = {name: t[i] for name, t in tensors.items()}
+        bar.update(len(chunk))
+        bar.set_postfix(ok=f"{sum(int(results[k]['success']) for k in chunk_keys)}/{len(chunk)}")
     bar.close()
     return FitResult(
         ids=[e.id for e in edits],

@@ -50,13 +50,15 @@ class ArchSpec:
     ffn_name: str  # attribute of a block holding its FFN, e.g. "mlp"
     act_attrs: tuple[str, ...]  # config attributes naming the FFN activation, first present wins
     final_softcap_attr: str | None = None  # config attribute of a final logit soft-cap, if any
+    post_ffn_norm: str | None = None  # attribute of a block's norm applied to the FFN output before the residual add
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec("llama", "model.layers", "mlp", ("hidden_act",)),
     "qwen2": ArchSpec("qwen2", "model.layers", "mlp", ("hidden_act",)),
     "gemma3_text": ArchSpec(
-        "gemma3", "model.layers", "mlp", ("hidden_activation", "hidden_act"), "final_logit_softcapping"
+        "gemma3", "model.layers", "mlp", ("hidden_activation", "hidden_act"), "final_logit_softcapping",
+        post_ffn_norm="post_feedforward_layernorm",
     ),
     "gpt2": ArchSpec("gpt2", "transformer.h", "mlp", ("activation_function",)),
 }

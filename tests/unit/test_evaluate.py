@@ -66,3 +66,30 @@ def test_fine_tuning_edits_and_restores(tiny_models):
     assert sum(acc) / len(acc) > 0.5
     edited.close()
     assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
+
+
+def test_answer_decided():
+    decided = evaluate.answer_decided
+    assert decided(" Paris\nmore", "rome")  # a newline ends the first line
+    assert not decided(" Ro", "rome") and not decided(" ROME", "rome")  # still a prefix / a match
+    assert not decided(" Rome. ", "rome")  # only dots and spaces after the answer: a newline may follow
+    assert decided(" Rome is", "rome") and decided(" Paris", "rome")
+    assert not decided(" anything at all", None)  # without an expected answer only the newline decides
+    assert not decided(" Ro\ufffd", "rome")  # an incomplete character keeps the row going
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_early_stop_keeps_ag_outcomes(tiny_models, family):
+    """Stopping decided rows early gives the same AG outcome as full-length greedy decoding."""
+    loaded = tiny_models[family]
+    lm_ = evaluate.EditedLM(loaded, batch_size=4)
+    prompts = ["The capital of France is", "A", "Toko Yasuda plays the", "Where is the Eiffel Tower? In", "B C"]
+    full = lm_.generate(prompts, 12)
+    # expected answers: the model's own first lines (matches), their prefixes and unrelated words (mismatches)
+    wants = [evaluate.normalise_answer(full[0]), "zzz", evaluate.normalise_answer(full[2])[:3] or "q", None,
+             evaluate.normalise_answer(full[4])]
+    short = lm_.generate(prompts, 12, expected=wants)
+    for f, s, w in zip(full, short, wants):
+        assert f.startswith(s)
+        if w is not None:
+            assert (evaluate.normalise_answer(f) == w) == (evaluate.normalise_answer(s) == w)

@@ -41,6 +41,26 @@ def test_replay_matches_full_forward(tiny_models, tokenizer, family):
     assert all(not isinstance(layer, fit._Skip) for layer in lm.decoder_layers(m))
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "qwen2"])
+@pytest.mark.parametrize("layer", [1, 3])
+def test_cached_layer_output_plus_neuron_matches_full_forward(tiny_models, tokenizer, family, layer):
+    m = tiny_models[family].model
+    batch = textbatch.encode(tokenizer, [p for p, _ in EDITS], [t for _, t in EDITS], "\n")
+    d = lm.hidden_size(m)
+    w = torch.randn(len(EDITS), neuron.weight_dim(d)) * 0.2
+    with neuron.attached_neuron(m, layer) as n:
+        n.set_weights(w)
+        full = textbatch.logits_at(m, batch)
+    x, f, h = fit.layer_states(m, layer, batch)
+    k, v, b = neuron.unpack(w, d)
+    delta = (torch.einsum("rtd,rd->rt", x, k) + b[:, None]).unsqueeze(-1) * v[:, None, :]
+    holder = {"h": fit.with_ffn_delta(m, layer, f, h, delta)}
+    with fit.replay_from(m, layer + 1, holder):  # layer 3 is the last: only the final norm and head run
+        replayed = textbatch.logits_at(m, batch)
+    assert torch.allclose(full, replayed, atol=1e-5)
+    assert all(not isinstance(block, fit._Skip) for block in lm.decoder_layers(m))
+
+
 # Gemma-3 is left out here: its random tiny model's scaled embeddings swamp a single neuron; the
 # replay test above covers its code path and the integration tests cover real models.
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
