@@ -15,6 +15,8 @@ cancels. Variants (each is what ``meg serve`` / ``meg ask`` run with that settin
 - ``served``: the bundle as it is (generator with the bundle's sampling steps, per question);
 - ``steps=S``: ``--sample-steps S``;
 - ``edit_cache``: ``--weight-cache edit`` (weights generated once per edit and reused);
+- ``repeat``: the served path for a question asked before (the model keeps the weights of recent
+  prompts, so the generator does not run again); every other variant asks a question new to it;
 - parts of ``served``: encode (query encoder), route, sample (generator), generate (LM + neuron),
   and ``mlp_sample``: the sampling time of the MLP denoiser of the same size preset, 50 steps
   (untrained weights: it times the network, it says nothing of its quality).
@@ -78,6 +80,13 @@ def mlp_sampler(model):
     return gen
 
 
+def forget(model) -> None:
+    """Empty the model's per-prompt weight cache (if it has one), so the next question is a new one."""
+    cache = getattr(model, "_cache", None)
+    if cache is not None:
+        cache.clear()
+
+
 def measure(model, questions: list[str], variants: dict[str, AnswerConfig], repeats: int, n_new: int,
             mlp=None) -> dict:
     """Paired timings: per (question, repeat), every variant and its parts against the base model."""
@@ -91,17 +100,24 @@ def measure(model, questions: list[str], variants: dict[str, AnswerConfig], repe
 
     for r in range(repeats):
         for i, q in enumerate(questions):
-            names = ["base"] + list(variants) + ["parts"]
+            names = ["base"] + list(variants) + ["repeat", "parts"]
             shift = (r * len(questions) + i) % len(names)
             got: dict[str, float] = {}
             for name in names[shift:] + names[:shift]:
                 t0 = time.perf_counter()
                 if name == "base":
                     generate(q)
+                elif name == "repeat":  # the same question again: the model's per-prompt weight cache answers
+                    model.weights_fn([q])
+                    t0 = time.perf_counter()
+                    w, mask = model.weights_fn([q])
+                    generate(q, w, mask)
                 elif name != "parts":
+                    forget(model)  # a question not seen before
                     w, mask = question_weights(model, [q], variants[name])
                     generate(q, w, mask)
                 else:  # the served path in pieces
+                    forget(model)
                     emb = model.encoder.encode([q])
                     t1 = time.perf_counter()
                     mask, _, _ = model.router.route(emb)
@@ -128,7 +144,7 @@ def measure(model, questions: list[str], variants: dict[str, AnswerConfig], repe
         "n_questions": len(questions), "repeats": repeats,
         "median_ms": {k: round(1000 * statistics.median(v), 1) for k, v in times.items()},
         "ratio_over_base": {k: round(statistics.median(v), 4) for k, v in ratios.items()
-                            if k in variants or k == "generate"},
+                            if k in variants or k in ("repeat", "generate")},
         "share_of_base": {k: round(statistics.median(v), 4) for k, v in ratios.items()
                           if k in ("encode", "route", "sample", "mlp_sample")},
     }

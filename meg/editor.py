@@ -206,8 +206,8 @@ class EditedModel(evaluate.EditedLM):
         Token ids in (``input_ids`` / ``attention_mask``, or a tensor as ``inputs``), token ids out:
         (B, T + new), prompt included, as ``transformers`` returns them; any generate option works
         (``do_sample``, ``temperature``, ``num_beams``, ...). Text in (a string or a list of strings),
-        text out: the continuations, as every ``EditedLM`` of the evaluation harness returns them;
-        ``generate_ids`` gives their token ids.
+        text out: the continuations, as every ``EditedLM`` of the evaluation harness returns them
+        (with its ``expected`` option, or with transformers options); ``generate_ids`` gives their ids.
         """
         if input_ids is None and isinstance(inputs, torch.Tensor):
             input_ids = inputs
@@ -216,8 +216,10 @@ class EditedModel(evaluate.EditedLM):
 
             return generate_hf(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
         prompts = [inputs] if isinstance(inputs, str) else list(inputs)
-        if not generate_kwargs:
-            return super().generate(prompts, max_new_tokens)
+        if set(generate_kwargs) <= {"expected"}:  # the harness's own options
+            return super().generate(prompts, max_new_tokens, **generate_kwargs)
+        if "expected" in generate_kwargs:
+            raise TypeError("generate: 'expected' (evaluation early stop) cannot be combined with transformers options")
         tok = self.loaded.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True)
         from meg.answer import generate_hf

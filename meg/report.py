@@ -13,8 +13,9 @@ Inputs (what ``meg.benchmark`` produces):
   ``rel_routed``/``gen_routed``/``loc_routed``, ``rel_nearest``/``gen_nearest``/``loc_nearest``
   (edit ids), their ``*_confidence`` and ``fit_ok``).
 - ``plots``: extra ``{title: png path}`` to embed after the generated ones.
-- ``confusion``: ``{method: {name: value}}`` of router statistics (e.g. ``router_prompt_routed``);
-  without it the confusion table is counted from the records' routing fields.
+- ``confusion``: ``{method: {name: value}}`` of router statistics (e.g. ``router_prompt_routed``),
+  or ``meg.benchmark``'s extras ``{method: {"router_confusion": {...}, ...}}``; without it the
+  confusion table is counted from the records' routing fields.
 
 Why an edit failed, from its routing fields:
 - "not routed": the router did not send the query to the edited knowledge;
@@ -291,7 +292,8 @@ def write_report(out_dir: str | Path, metrics: dict, records, plots: dict[str, s
     images.update({t: Path(p) for t, p in (plots or {}).items()})
     conf: dict[str, dict] = {}
     for m, rows in by_method.items():
-        given = (confusion or {}).get(m)
+        given = (confusion or {}).get(m) or {}
+        given = given.get("router_confusion", given)  # meg.benchmark's extras nest it
         counted = confusion_from_records(rows)
         if given and any(str(k).startswith("router_") for k in given):
             conf[m] = {**(counted or {}), **{k: v for k, v in given.items() if str(k).startswith("router_")}}

@@ -48,7 +48,8 @@ def test_report_is_self_contained(tmp_path):
                          "loc_ag": True, "gen_out": "Lyon"}],
                "meg": [rec(0, rel_ag=False, rel_out="Lille <b>"), rec(1, gen_ag=False, gen_routed=False),
                        rec(2, loc_ag=False, loc_routed=True, loc_nearest="e1", loc_out="Paris")]}
-    path = write_report(tmp_path, metrics, records, confusion={"meg": {"router_prompt_routed": 100.0}})
+    path = write_report(tmp_path, metrics, records,
+                        confusion={"meg": {"router_confusion": {"router_prompt_routed": 100.0}}})
     page = path.read_text()
     assert path == tmp_path / "report.html"
     assert not re.search(r"""(src|href)=["']?(https?:|//|[^"'d])""", page)  # nothing loaded from elsewhere
