@@ -15,20 +15,23 @@ One call:
 
 An answer is that first line, stripped: what the evaluation's AG protocol compares, before case
 folding and the trailing '.' it drops.
+
+Two speed options (``AnswerConfig.sample_steps``, ``weight_cache="edit"``) replace step 1's weights
+by cheaper ones; they are off by default, and docs/serving.md reports their cost and effect.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-import weakref
 
 import torch
 import torch.nn.functional as F
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from meg import neuron
+from meg.errors import ConfigError
 
 if TYPE_CHECKING:
     from meg.editor import EditedModel
@@ -51,8 +54,6 @@ class AnswerConfig:
     weight_cache: str = "off"
 
     def __post_init__(self) -> None:
-        from meg.errors import ConfigError
-
         if self.sample_steps is not None and (not isinstance(self.sample_steps, int) or self.sample_steps < 1):
             raise ConfigError(f"answer: bad value for 'sample_steps': {self.sample_steps!r} (an integer >= 1 or null)")
         if self.weight_cache not in WEIGHT_CACHES:

@@ -11,7 +11,7 @@ per-question neuron weights (``meg.answer.answer_rows``), so answers do not depe
 in the batch (up to floating-point rounding of batched products).
 
 Errors are JSON ``{"error": {"status": N, "message": "...", "problems": [...]}}``:
-  400 the body is not JSON;
+  400 the body is empty or not JSON;
   413 the body, the number of questions or a question is larger than the configured limits;
   422 the JSON has the wrong shape: not an object, unknown field, questions not a non-empty list of
       non-blank strings, explain not a boolean;
@@ -22,10 +22,10 @@ Errors are JSON ``{"error": {"status": N, "message": "...", "problems": [...]}}`
 from __future__ import annotations
 
 import asyncio
-from contextlib import asynccontextmanager
 import socket
 import threading
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable

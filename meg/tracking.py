@@ -20,10 +20,11 @@ def configure(root: str | Path, experiment: str = EXPERIMENT) -> str:
     import mlflow
 
     root = Path(root).resolve()
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    server = os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri below exports it
+    uri = server or f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
-        artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (root / "mlartifacts").as_uri()
+        artifacts = None if server else (root / "mlartifacts").as_uri()
         mlflow.create_experiment(experiment, artifact_location=artifacts)
     mlflow.set_experiment(experiment)
     return uri

@@ -7,6 +7,7 @@ test also checks that the registry model, the CLI and the HTTP service give the 
 from __future__ import annotations
 
 import json
+import os
 
 import mlflow
 import pandas as pd
@@ -37,8 +38,9 @@ class NoBundle(mlflow.pyfunc.PythonModel):
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
-    old = mlflow.get_tracking_uri()
+    old_env = os.environ.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri exports it
     tracking.configure(root)
+    assert mlflow.get_experiment_by_name(tracking.EXPERIMENT).artifact_location.startswith(root.as_uri())
     client = mlflow.MlflowClient()
     with mlflow.start_run():
         mlflow.pyfunc.log_model(name="model", python_model=BundleAnswerer(),
@@ -47,7 +49,9 @@ def registry(tmp_path_factory):
     client.set_registered_model_alias("meg-editor", "champion", "1")
     client.set_registered_model_alias("not-an-editor", "champion", "1")
     yield root
-    mlflow.set_tracking_uri(old)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if old_env is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
 def questions():
