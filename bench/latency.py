@@ -10,7 +10,9 @@ reported separately.
 For every question and repeat, the base model and every edited variant run back to back, in an
 order that rotates, and each variant's time is divided by the base time *of the same iteration*;
 the reported ratio is the median of these paired ratios, so drifting load on a shared machine
-cancels. Variants (each is what ``meg serve`` / ``meg ask`` run with that setting):
+cancels. Every time is taken twice: wall clock, and CPU time of the process (the work done; on a
+machine shared with other jobs, waiting for a core inflates wall time but not CPU time; with one
+torch thread the two agree on a quiet machine). Variants (each is what ``meg serve`` / ``meg ask`` run with that setting):
 
 - ``served``: the bundle as it is (generator with the bundle's sampling steps, per question);
 - ``steps=S``: ``--sample-steps S``;
@@ -87,12 +89,32 @@ def forget(model) -> None:
         cache.clear()
 
 
+class Clock:
+    """Wall time and CPU time of this process (all its threads), lap by lap."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = (wall - self.wall, cpu - self.cpu)
+        self.wall, self.cpu = wall, cpu
+        return out
+
+
 def measure(model, questions: list[str], variants: dict[str, AnswerConfig], repeats: int, n_new: int,
             mlp=None) -> dict:
-    """Paired timings: per (question, repeat), every variant and its parts against the base model."""
+    """Paired timings: per (question, repeat), every variant and its parts against the base model.
+
+    Every time is taken on two clocks: wall (what a user waits) and the process's CPU time (the work
+    done; on a shared machine, waiting for a core inflates wall time but not CPU time).
+    """
     loaded = model.loaded
-    times: dict[str, list[float]] = {}
-    ratios: dict[str, list[float]] = {}
+    times: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
+    ratios: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
     routed_any = False
 
     def generate(q, w=None, mask=None):
@@ -102,14 +124,15 @@ def measure(model, questions: list[str], variants: dict[str, AnswerConfig], repe
         for i, q in enumerate(questions):
             names = ["base"] + list(variants) + ["repeat", "parts"]
             shift = (r * len(questions) + i) % len(names)
-            got: dict[str, float] = {}
+            got: dict[str, tuple[float, float]] = {}
+            clock = Clock()
             for name in names[shift:] + names[:shift]:
-                t0 = time.perf_counter()
+                if name == "repeat":  # the same question again: the model's per-prompt weight cache answers
+                    model.weights_fn([q])
+                clock.reset()
                 if name == "base":
                     generate(q)
-                elif name == "repeat":  # the same question again: the model's per-prompt weight cache answers
-                    model.weights_fn([q])
-                    t0 = time.perf_counter()
+                elif name == "repeat":
                     w, mask = model.weights_fn([q])
                     generate(q, w, mask)
                 elif name != "parts":
@@ -119,39 +142,41 @@ def measure(model, questions: list[str], variants: dict[str, AnswerConfig], repe
                 else:  # the served path in pieces
                     forget(model)
                     emb = model.encoder.encode([q])
-                    t1 = time.perf_counter()
+                    got["encode"] = clock.lap()
                     mask, _, _ = model.router.route(emb)
-                    t2 = time.perf_counter()
+                    got["route"] = clock.lap()
                     w = torch.zeros(1, model.w0.numel())
                     if mask.any():
                         routed_any = True
                         w[0] = model.generator.sample(emb, seed=model.cfg.sample_seed)[0]
-                    t3 = time.perf_counter()
+                    got["sample"] = clock.lap()
                     generate(q, w, mask)
-                    t4 = time.perf_counter()
-                    got |= {"encode": t1 - t0, "route": t2 - t1, "sample": t3 - t2, "generate": t4 - t3}
+                    got["generate"] = clock.lap()
                     if mlp is not None and mask.any():
-                        t5 = time.perf_counter()
                         mlp.sample(emb)
-                        got["mlp_sample"] = time.perf_counter() - t5
+                        got["mlp_sample"] = clock.lap()
                     continue
-                got[name] = time.perf_counter() - t0
-            for k, v in got.items():
-                times.setdefault(k, []).append(v)
-                if k != "base":
-                    ratios.setdefault(k, []).append(v / got["base"])
-    out = {
-        "n_questions": len(questions), "repeats": repeats,
-        "median_ms": {k: round(1000 * statistics.median(v), 1) for k, v in times.items()},
-        "ratio_over_base": {k: round(statistics.median(v), 4) for k, v in ratios.items()
-                            if k in variants or k in ("repeat", "generate")},
-        "share_of_base": {k: round(statistics.median(v), 4) for k, v in ratios.items()
-                          if k in ("encode", "route", "sample", "mlp_sample")},
-    }
-    if mlp is not None and routed_any:
-        # the served path with the MLP denoiser's sampling time in place of the DiT's
-        out["ratio_over_base"]["mlp_denoiser"] = round(statistics.median(
-            [s - d + m for s, d, m in zip(ratios["served"], ratios["sample"], ratios["mlp_sample"])]), 4)
+                got[name] = clock.lap()
+            for c, clock_name in enumerate(("wall", "cpu")):
+                for k, v in got.items():
+                    times[clock_name].setdefault(k, []).append(v[c])
+                    if k != "base":
+                        ratios[clock_name].setdefault(k, []).append(v[c] / got["base"][c])
+    out: dict = {"n_questions": len(questions), "repeats": repeats}
+    for clock_name in ("wall", "cpu"):
+        t, rt = times[clock_name], ratios[clock_name]
+        res = {
+            "median_ms": {k: round(1000 * statistics.median(v), 1) for k, v in t.items()},
+            "ratio_over_base": {k: round(statistics.median(v), 4) for k, v in rt.items()
+                                if k in variants or k in ("repeat", "generate")},
+            "share_of_base": {k: round(statistics.median(v), 4) for k, v in rt.items()
+                              if k in ("encode", "route", "sample", "mlp_sample")},
+        }
+        if mlp is not None and routed_any:
+            # the served path with the MLP denoiser's sampling time in place of the DiT's
+            res["ratio_over_base"]["mlp_denoiser"] = round(statistics.median(
+                [s - d + m for s, d, m in zip(rt["served"], rt["sample"], rt["mlp_sample"])]), 4)
+        out[clock_name] = res
     return out
 
 
@@ -204,12 +229,14 @@ def main(argv=None) -> int:
         t0 = time.time()
         result[name] = measure(model, qs, variants, args.repeats, args.new_tokens,
                                mlp_sampler(model) if name == "routed" else None)
-        r = result[name]
-        print(f"{name} ({time.time() - t0:.0f} s): median ms " + ", ".join(f"{k} {v}" for k, v in r["median_ms"].items()),
-              flush=True)
-        print("  edited / base: " + ", ".join(f"{k} {v:.3f}" for k, v in r["ratio_over_base"].items()), flush=True)
-        print("  share of a base answer's time: " + ", ".join(f"{k} {v:.3f}" for k, v in r["share_of_base"].items()),
-              flush=True)
+        print(f"{name} ({time.time() - t0:.0f} s):", flush=True)
+        for clock_name in ("wall", "cpu"):
+            r = result[name][clock_name]
+            print(f"  [{clock_name}] median ms " + ", ".join(f"{k} {v}" for k, v in r["median_ms"].items()), flush=True)
+            print(f"  [{clock_name}] edited / base: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in r["ratio_over_base"].items()), flush=True)
+            print(f"  [{clock_name}] share of a base answer: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in r["share_of_base"].items()), flush=True)
     if args.quality:
         n = min(args.quality, len(prompts))
         result["quality_ag"] = quality(model, variants, prompts[:n], paras[:n], targets[:n])
