@@ -8,7 +8,9 @@ Two services run side by side as subprocesses, ``meg serve BUNDLE`` and ``meg se
 together and each sends ``--requests`` requests of one question, one after the other; throughput is
 questions answered per second of the round's wall time. Rounds alternate ABBA (edited, base, base,
 edited, ...) so that drifting load on a shared machine cancels in the ratio; the reported ratio is the
-median over rounds of edited / base throughput in adjacent rounds.
+median over rounds of edited / base throughput in adjacent rounds. Each round also records the CPU
+time the service process used, and so questions per CPU second: on a machine shared with other
+jobs, that ratio measures the work per question even when waiting for a core slows both services.
 
 Questions mix the bundle's edit prompts, their CounterFact paraphrases and locality prompts in equal
 parts (routed and unrelated traffic), the same list for both services.
@@ -71,6 +73,13 @@ class Service:
                 pass
             time.sleep(0.5)
         raise RuntimeError("service did not start in time")
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system, all threads) the service process has used so far."""
+        import psutil
+
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return t.user + t.system
 
     def close(self) -> None:
         self.proc.terminate()
@@ -168,26 +177,34 @@ def main(argv=None) -> int:
             order += ["edited", "base"] if r % 2 == 0 else ["base", "edited"]
         for i, name in enumerate(order):
             before = request(services[name].port, "GET", "/health")[1]["batching"]
+            cpu0 = services[name].cpu_seconds()
             res = run_round(services[name].port, args.clients, args.requests, questions, i * 7)
+            res["server_cpu_seconds"] = services[name].cpu_seconds() - cpu0
+            res["questions_per_cpu_second"] = res["questions"] / res["server_cpu_seconds"]
             after = request(services[name].port, "GET", "/health")[1]["batching"]
             passes = after["batches"] - before["batches"]
             res["mean_batch_size"] = (after["questions"] - before["questions"]) / passes if passes else 0.0
             rounds[name].append(res)
-            print(f"round {i + 1} {name}: {res['qps']:.2f} questions/s, p50 {res['latency_p50']:.2f} s, "
-                  f"p95 {res['latency_p95']:.2f} s, mean batch {res['mean_batch_size']:.1f}, "
-                  f"failures {res['n_failures']}", flush=True)
+            print(f"round {i + 1} {name}: {res['qps']:.3f} questions/s ({res['questions_per_cpu_second']:.3f} per "
+                  f"server CPU second), p50 {res['latency_p50']:.1f} s, p95 {res['latency_p95']:.1f} s, "
+                  f"mean batch {res['mean_batch_size']:.1f}, failures {res['n_failures']}", flush=True)
     finally:
         for s in services.values():
             s.close()
     ratios = [e["qps"] / b["qps"] for e, b in zip(rounds["edited"], rounds["base"])]
+    cpu_ratios = [e["questions_per_cpu_second"] / b["questions_per_cpu_second"]
+                  for e, b in zip(rounds["edited"], rounds["base"])]
     result = {
         "bundle": str(args.bundle), "clients": args.clients, "requests_per_client": args.requests,
         "threads": args.threads, "rounds": rounds,
         "qps_median": {k: statistics.median(r["qps"] for r in v) for k, v in rounds.items()},
         "ratio_edited_over_base": statistics.median(ratios), "ratios": ratios,
+        "cpu_ratio_edited_over_base": statistics.median(cpu_ratios), "cpu_ratios": cpu_ratios,
     }
     print(f"throughput edited/base = {result['ratio_edited_over_base']:.3f} (rounds: "
-          + ", ".join(f"{r:.3f}" for r in ratios) + ")", flush=True)
+          + ", ".join(f"{r:.3f}" for r in ratios) + "); per server CPU second: "
+          f"{result['cpu_ratio_edited_over_base']:.3f} (" + ", ".join(f"{r:.3f}" for r in cpu_ratios) + ")",
+          flush=True)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     return 0
