@@ -7,7 +7,9 @@
 
 Edits are applied as one batch, then every edit is evaluated (protocol: meg.evaluate). Writes
 OUT.json ({"model", "dataset", "n_edits", "methods": {NAME: metrics}, "details": {NAME: ...}},
-percentages 0-100), the per-edit outputs beside it (OUT.records.jsonl), and prints a table.
+percentages 0-100), the per-edit outputs beside it (OUT.records.jsonl), a self-contained HTML report
+(OUT.html, plots in OUT_plots/; meg.report), and prints a table. With --mlflow ROOT (or
+MLFLOW_TRACKING_URI set) the metrics and the report are logged to one MLflow run.
 
 MeG settings: ``--set KEY=VALUE`` changes the ``meg`` method (dotted keys of meg.editor.MegConfig,
 e.g. ``fit.layer=28``, ``router=familiarity``, ``router_options.subject_gate=true``,
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +31,7 @@ import torch
 from meg import facts, lm
 from meg.benchmark import run_methods
 from meg.editors import EDITORS, make_editor
+from meg.report import write_report
 
 
 def _value(text: str):
@@ -63,6 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--mlflow", type=Path, default=None, help="log metrics and the report to the MLflow store here")
     args = p.parse_args(argv)
     for m in filter(None, args.methods.split(",")):
         if m not in EDITORS:
@@ -110,8 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench.quality: {len(edits)} edits from {dataset}, model {loaded.model_id}", flush=True)
     result = run_methods(loaded, edits, dataset, methods, args.batch_size, editor_factory=editor_factory(args))
     records = result.write(args.out)
+    report = write_report(args.out.parent, result.methods, result.records, confusion=result.extras,
+                          name=args.out.stem, title=f"Knowledge editing: {len(edits)} edits from {dataset}",
+                          context={"model": loaded.model_id, "dataset": dataset, "n_edits": len(edits)})
     print(result.table())
-    print(f"results: {args.out}  per-edit outputs: {records}")
+    print(f"results: {args.out}  per-edit outputs: {records}  report: {report}")
+    if args.mlflow or os.environ.get("MLFLOW_TRACKING_URI"):
+        from meg import tracking
+
+        tracking.configure(args.mlflow or Path.cwd())
+        with tracking.run("bench.quality", params={"model": loaded.model_id, "dataset": dataset,
+                                                    "n_edits": len(edits), "methods": args.methods}):
+            for name, metrics in result.methods.items():
+                tracking.log_metrics({f"{name}.{k}": v for k, v in metrics.items()})
+            tracking.log_artifact(args.out)
+            tracking.log_artifact(report)
     return 0
 
 

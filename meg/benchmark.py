@@ -100,6 +100,9 @@ def run_methods(
             edit_seconds = time.time() - t0
             try:
                 res = evaluate.evaluate(edited, edits, labels)
+                details = getattr(edited, "routing_records", None)  # MeG: how each query was routed (reports)
+                if details is not None:
+                    res.records = [r | d for r, d in zip(res.records, details(edits))]
             finally:
                 edited.close()
         metrics = dict(res.metrics)

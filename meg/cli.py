@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
     for add in (_add_facts, _add_data, _add_sweep):
         add(sub)
+    from meg.cli_model import add_model_commands
+
+    add_model_commands(sub)
     return parser
 
 

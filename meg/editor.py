@@ -187,6 +187,67 @@ class EditedModel(evaluate.EditedLM):
         return cls(loaded, manifest["layer"], manifest["act"], encoder, router, generator, tensors["w0"], cfg,
                    lookup=tensors.get("lookup"), info=manifest.get("info"))
 
+    # ---- using the edited model (meg.answer) ----------------------------------------------------
+
+    def answer(self, questions: list[str], explain: bool = False, max_new_tokens: int = evaluate.MAX_NEW_TOKENS,
+               **options) -> dict:
+        """``{"answers": [...]}`` (+ ``"explanations"``): what the CLI, the service and the pyfunc model return.
+
+        ``options`` are further ``meg.answer.AnswerConfig`` fields (stop_at_newline, sample_steps, weight_cache).
+        """
+        from meg.answer import AnswerConfig, answer
+
+        return answer(self, list(questions), explain, AnswerConfig(max_new_tokens=max_new_tokens, **options))
+
+    def generate(self, inputs=None, max_new_tokens: int = evaluate.MAX_NEW_TOKENS, *, input_ids=None,
+                 attention_mask=None, **generate_kwargs):
+        """Generate like a transformers model, every row routed on its own prompt.
+
+        Token ids in (``input_ids`` / ``attention_mask``, or a tensor as ``inputs``), token ids out:
+        (B, T + new), prompt included, as ``transformers`` returns them; any generate option works
+        (``do_sample``, ``temperature``, ``num_beams``, ...). Text in (a string or a list of strings),
+        text out: the continuations, as every ``EditedLM`` of the evaluation harness returns them
+        (with its ``expected`` option, or with transformers options); ``generate_ids`` gives their ids.
+        """
+        if input_ids is None and isinstance(inputs, torch.Tensor):
+            input_ids = inputs
+        if input_ids is not None:
+            from meg.answer import generate_hf
+
+            return generate_hf(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
+        prompts = [inputs] if isinstance(inputs, str) else list(inputs)
+        if set(generate_kwargs) <= {"expected"}:  # the harness's own options
+            return super().generate(prompts, max_new_tokens, **generate_kwargs)
+        if "expected" in generate_kwargs:
+            raise TypeError("generate: 'expected' (evaluation early stop) cannot be combined with transformers options")
+        tok = self.loaded.tokenizer
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        from meg.answer import generate_hf
+
+        ids = generate_hf(self, enc.input_ids, enc.attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
+        return [tok.decode(row[enc.input_ids.shape[1]:], skip_special_tokens=True) for row in ids]
+
+    def routing_records(self, edits: "list[EditRequest]") -> list[dict]:
+        """Per edit: how its prompt, paraphrase and locality prompt were routed (for reports; never tuned on).
+
+        ``*_nearest`` is the id of the nearest edit of this model; ``fit_ok`` whether fitting reached the target.
+        """
+        ids = self.info.get("edit_ids") or []
+        failed = set((self.info.get("fit") or {}).get("failed_ids") or [])
+        out = [{"prompt": e.prompt, "paraphrase": e.paraphrases[0] if e.paraphrases else None,
+                "locality_prompt": e.locality[0].prompt if e.locality else None,
+                "fit_ok": e.id not in failed if e.id in ids else None} for e in edits]
+        for kind, field in (("rel", "prompt"), ("gen", "paraphrase"), ("loc", "locality_prompt")):
+            rows = [i for i, r in enumerate(out) if r[field]]
+            if not rows:
+                continue
+            _, mask, nearest, conf = self.route([out[i][field] for i in rows])
+            for j, i in enumerate(rows):
+                n = int(nearest[j])
+                out[i].update({f"{kind}_routed": bool(mask[j]), f"{kind}_nearest": ids[n] if n < len(ids) else n,
+                               f"{kind}_confidence": round(float(conf[j]), 4)})
+        return out
+
 
 class MegEditor(evaluate.Editor):
     """MeG behind the evaluation harness."""

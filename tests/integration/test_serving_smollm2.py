@@ -1,0 +1,82 @@
+"""The service on a real SmolLM2-135M bundle: edited, paraphrased and unrelated questions over HTTP.
+
+16 CounterFact edits, a briefly tuned encoder and a short generator run (a few minutes on 2 CPU
+cores): smaller than a real build, but every part is the real one.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from meg.evaluate import normalise_answer
+from tests.unit.test_service import call
+
+pytestmark = pytest.mark.integration
+N_EDITS = 16
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, smollm2):
+    from meg import editor, fit
+    from meg.bundle import record_edits
+    from meg.facts import load_benchmark
+
+    edits = load_benchmark("counterfact", "edit")[:N_EDITS]
+    cfg = editor.MegConfig(fit=fit.FitConfig(n_variants=4), n_pseudo_encoder=1024, n_pseudo_calibration=512,
+                           encoder={"max_steps": 16}, generator={"max_steps": 600})
+    model = editor.build(smollm2, edits, cfg, progress=False)
+    record_edits(model, edits)
+    return model, edits
+
+
+@pytest.fixture(scope="module")
+def service(bundle):
+    from meg.service import BackgroundService, ServiceConfig, model_answerer
+
+    cfg = ServiceConfig(port=0, max_wait_ms=20, max_questions=16, max_batch_size=32)
+    answer_rows, info = model_answerer(bundle[0], cfg)
+    with BackgroundService(answer_rows, cfg, info) as svc:
+        yield svc
+
+
+def ask(svc, questions, explain=False):
+    status, body, _ = call(svc.url, "/v1/answer", {"questions": questions, "explain": explain})
+    assert status == 200, body
+    return body
+
+
+def test_edited_paraphrased_and_unrelated_questions(service, bundle):
+    _, edits = bundle
+    rel = ask(service, [e.prompt for e in edits], explain=True)
+    gen = ask(service, [e.paraphrases[0] for e in edits], explain=True)
+    loc = ask(service, [e.locality[0].prompt for e in edits], explain=True)
+    want = [normalise_answer(e.target_new) for e in edits]
+    rel_ok = sum(normalise_answer(a) == w for a, w in zip(rel["answers"], want))
+    gen_ok = sum(normalise_answer(a) == w for a, w in zip(gen["answers"], want))
+    base_gen_ok = sum(normalise_answer(x["base_answer"]) == w for x, w in zip(gen["explanations"], want))
+    print(f"edit prompts {rel_ok}/{N_EDITS}, paraphrases {gen_ok}/{N_EDITS} (base {base_gen_ok})")
+    assert rel_ok >= 0.75 * N_EDITS
+    assert gen_ok > base_gen_ok  # paraphrases the model never saw move towards the new facts
+    unrouted = [x for x in loc["explanations"] if not x["routed"]]
+    assert len(unrouted) >= 0.75 * N_EDITS
+    assert all(x["answer"] == x["base_answer"] for x in unrouted)  # unrelated: the base model, unchanged
+    for x, e in zip(rel["explanations"], edits):
+        assert x["routed"] and x["nearest_edits"][0]["id"] == e.id
+
+
+def test_concurrent_clients_get_the_sequential_answers(service, bundle):
+    _, edits = bundle
+    questions = [e.prompt for e in edits[:6]] + [e.paraphrases[0] for e in edits[:5]] + \
+        [e.locality[0].prompt for e in edits[:5]]
+    sequential = [ask(service, [q])["answers"][0] for q in questions]
+    barrier = threading.Barrier(len(questions))
+
+    def one(q):
+        barrier.wait(60)
+        return ask(service, [q])["answers"][0]
+
+    with ThreadPoolExecutor(len(questions)) as ex:
+        assert list(ex.map(one, questions)) == sequential
