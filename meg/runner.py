@@ -94,6 +94,40 @@ def run_stage(stage: str, params_path: str | Path = "params.yaml", root: str | P
     return result
 
 
+def component_stage(stage: str, params_text: str, tracking_uri: str, parent_run_id: str, call,
+                    metrics_artifact=None, device: str = "") -> StageResult:
+    """A stage inside a Kubeflow component: settings from YAML text, MLflow at ``tracking_uri``.
+
+    ``call(view, registry)`` runs the stage on the component's artifact paths. With an empty
+    ``tracking_uri`` nothing is logged (and promotion, which needs the registry, refuses to run).
+    ``device`` (when given) replaces ``base.device``, e.g. for the one step that gets a GPU.
+    """
+    from meg import tracking
+
+    view = config.stage_view(config.parse_params(params_text, "pipeline parameter 'params'"), stage)
+    if device and "base" in view:
+        view["base"]["device"] = device
+    if tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    else:
+        os.environ["MEG_TRACKING"] = "off"
+    if not tracking.enabled():
+        if stage == "promote":
+            raise ConfigError("promote needs the MLflow model registry: give the pipeline a tracking_uri")
+        result = call(view, None)
+    else:
+        tracking.configure(Path.cwd())
+        registry = tracking.Registry(config.section_config(view, "promote").model_name) if stage == "promote" else None
+        with tracking.stage_run(stage, config.flat(view), parent_run_id=parent_run_id or None):
+            result = call(view, registry)
+            tracking.log_result(result)
+    if metrics_artifact is not None:
+        for name, value in result.metrics.items():
+            metrics_artifact.log_metric(name, float(value))
+    print(f"{stage}: {result.summary}", flush=True)
+    return result
+
+
 def merge_fit(shard_dirs: list[Path], params_path: str | Path = "params.yaml", root: str | Path = ".",
               out: Path | None = None) -> StageResult:
     from meg.stages import fit

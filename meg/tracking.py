@@ -79,6 +79,15 @@ def end_pipeline_run(run_id: str, ok: bool) -> None:
     MlflowClient().set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
 
+def find_run(tag: str, value: str) -> str | None:
+    """The id of the run of the configured experiment whose ``tag`` is ``value`` (the newest), if any."""
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=[_configured["experiment"]], filter_string=f"tags.`{tag}` = '{value}'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    return runs[0].info.run_id if runs else None
+
+
 @contextmanager
 def stage_run(stage: str, params: dict, parent_run_id: str | None = None, tags: dict | None = None) -> Iterator[str]:
     """One stage's run, nested under the pipeline run (``parent_run_id`` or ``$MEG_PARENT_RUN_ID``)."""
