@@ -6,7 +6,7 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def attach(params: str, prepared: Input[Dataset], fitted: Input[Dataset], encoder: Input[Model], router: Input[Model],
-           generator: Input[Model], tracking_uri: str, parent_run_id: str, bundle: Output[Model],
+           generator: Input[Model], tracking_uri: str, job_id: str, bundle: Output[Model],
            metrics: Output[Metrics]):
     """Stage attach (meg.stages.attach): the edit bundle, logged as an MLflow pyfunc model."""
     from pathlib import Path
@@ -18,4 +18,4 @@ def attach(params: str, prepared: Input[Dataset], fitted: Input[Dataset], encode
         return stage.run(view, Path(prepared.path), Path(fitted.path), Path(encoder.path), Path(router.path),
                          Path(generator.path), Path(bundle.path))
 
-    component_stage("attach", params, tracking_uri, parent_run_id, call, metrics)
+    component_stage("attach", params, tracking_uri, job_id, call, metrics)

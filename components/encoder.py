@@ -5,7 +5,7 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def encoder(params: str, prepared: Input[Dataset], cache_dir: str, tracking_uri: str, parent_run_id: str,
+def encoder(params: str, prepared: Input[Dataset], cache_dir: str, tracking_uri: str, job_id: str,
             encoder: Output[Model], metrics: Output[Metrics]):
     """Stage encoder (meg.stages.encoder): the query encoder fine-tuned on pseudo-edits."""
     from pathlib import Path
@@ -17,4 +17,4 @@ def encoder(params: str, prepared: Input[Dataset], cache_dir: str, tracking_uri:
         return stage.run(view, Path(prepared.path), Path(encoder.path), Path(cache_dir) if cache_dir else None,
                          progress=False)
 
-    component_stage("encoder", params, tracking_uri, parent_run_id, call, metrics)
+    component_stage("encoder", params, tracking_uri, job_id, call, metrics)

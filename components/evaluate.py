@@ -5,7 +5,7 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def evaluate(params: str, prepared: Input[Dataset], bundle: Input[Model], tracking_uri: str, parent_run_id: str,
+def evaluate(params: str, prepared: Input[Dataset], bundle: Input[Model], tracking_uri: str, job_id: str,
              report: Output[Dataset], metrics: Output[Metrics]):
     """Stage evaluate (meg.stages.evaluate): the bundle and the baselines on every edit."""
     from pathlib import Path
@@ -16,4 +16,4 @@ def evaluate(params: str, prepared: Input[Dataset], bundle: Input[Model], tracki
     def call(view, registry):
         return stage.run(view, Path(prepared.path), Path(bundle.path) / "bundle", Path(report.path))
 
-    component_stage("evaluate", params, tracking_uri, parent_run_id, call, metrics)
+    component_stage("evaluate", params, tracking_uri, job_id, call, metrics)

@@ -8,7 +8,7 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def fit_shard(params: str, shard: int, n_shards: int, prepared: Input[Dataset], cache_dir: str, tracking_uri: str,
-              parent_run_id: str, weights: Output[Dataset]):
+              job_id: str, weights: Output[Dataset]):
     """Stage fit (meg.stages.fit) for shard `shard` of `n_shards`; the per-edit cache lives in cache_dir."""
     from pathlib import Path
 
@@ -19,12 +19,12 @@ def fit_shard(params: str, shard: int, n_shards: int, prepared: Input[Dataset], 
         return stage.run(view, Path(prepared.path), Path(weights.path), Path(cache_dir) if cache_dir else None,
                          (shard, n_shards), progress=False)
 
-    component_stage("fit", params, tracking_uri, parent_run_id, call)
+    component_stage("fit", params, tracking_uri, job_id, call)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def fit_merge(params: str, prepared: Input[Dataset], shards: Input[List[Dataset]], tracking_uri: str,
-              parent_run_id: str, fitted: Output[Dataset], metrics: Output[Metrics]):
+              job_id: str, fitted: Output[Dataset], metrics: Output[Metrics]):
     """The shards' weights back in the order of the edit set (every edit exactly once)."""
     from pathlib import Path
 
@@ -36,4 +36,4 @@ def fit_merge(params: str, prepared: Input[Dataset], shards: Input[List[Dataset]
 
         return stage.merge(Path(prepared.path), [Path(s.path) for s in shards], Path(fitted.path), config.flat(view))
 
-    component_stage("fit", params, tracking_uri, parent_run_id, call, metrics)
+    component_stage("fit", params, tracking_uri, job_id, call, metrics)

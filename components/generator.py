@@ -6,7 +6,7 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def generator(params: str, prepared: Input[Dataset], fitted: Input[Dataset], encoder: Input[Model], cache_dir: str,
-              device: str, tracking_uri: str, parent_run_id: str, generator: Output[Model], metrics: Output[Metrics]):
+              device: str, tracking_uri: str, job_id: str, generator: Output[Model], metrics: Output[Metrics]):
     """Stage generator (meg.stages.generator) on `device` (the pipeline gives this step a GPU)."""
     from pathlib import Path
 
@@ -17,4 +17,4 @@ def generator(params: str, prepared: Input[Dataset], fitted: Input[Dataset], enc
         return stage.run(view, Path(prepared.path), Path(fitted.path), Path(encoder.path), Path(generator.path),
                          Path(cache_dir) if cache_dir else None, progress=False)
 
-    component_stage("generator", params, tracking_uri, parent_run_id, call, metrics, device=device)
+    component_stage("generator", params, tracking_uri, job_id, call, metrics, device=device)

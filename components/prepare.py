@@ -5,7 +5,7 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def prepare(params: str, data_dir: str, cache_dir: str, tracking_uri: str, parent_run_id: str,
+def prepare(params: str, data_dir: str, cache_dir: str, tracking_uri: str, job_id: str,
             prepared: Output[Dataset], metrics: Output[Metrics]):
     """Stage prepare (meg.stages.prepare): edits, pseudo-edits, locality answers. data_dir '' = packaged facts."""
     import tempfile
@@ -23,4 +23,4 @@ def prepare(params: str, data_dir: str, cache_dir: str, tracking_uri: str, paren
         view["prepare"]["data_dir"] = str(Path(data_dir).resolve())
         return stage.run(view, Path(prepared.path), cache_dir=Path(cache_dir) if cache_dir else None, progress=False)
 
-    component_stage("prepare", params, tracking_uri, parent_run_id, call, metrics)
+    component_stage("prepare", params, tracking_uri, job_id, call, metrics)

@@ -5,7 +5,7 @@ from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def router(params: str, prepared: Input[Dataset], encoder: Input[Model], tracking_uri: str, parent_run_id: str,
+def router(params: str, prepared: Input[Dataset], encoder: Input[Model], tracking_uri: str, job_id: str,
            router: Output[Model], metrics: Output[Metrics]):
     """Stage router (meg.stages.router): fitted on the edits, threshold calibrated on pseudo-edits."""
     from pathlib import Path
@@ -16,4 +16,4 @@ def router(params: str, prepared: Input[Dataset], encoder: Input[Model], trackin
     def call(view, registry):
         return stage.run(view, Path(prepared.path), Path(encoder.path), Path(router.path), progress=False)
 
-    component_stage("router", params, tracking_uri, parent_run_id, call, metrics)
+    component_stage("router", params, tracking_uri, job_id, call, metrics)

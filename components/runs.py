@@ -8,8 +8,6 @@ from kfp import dsl
 
 from components import IMAGE
 
-JOB_TAG = "meg.kfp_job_id"
-
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def start_run(tracking_uri: str, experiment: str, job_id: str) -> str:
@@ -38,6 +36,6 @@ def end_run(tracking_uri: str, experiment: str, job_id: str, status: dsl.Pipelin
     from meg import tracking
 
     tracking.configure(Path.cwd(), experiment)
-    run_id = tracking.find_run("meg.kfp_job_id", job_id)
+    run_id = tracking.find_pipeline_run("meg.kfp_job_id", job_id)
     if run_id:
         tracking.end_pipeline_run(run_id, status.state == "SUCCEEDED")

@@ -28,6 +28,9 @@ from meg.errors import ConfigError, MegError
 from meg.stages import StageResult
 
 
+JOB_TAG = "meg.kfp_job_id"  # the tag linking a Kubeflow job's MLflow runs
+
+
 @dataclass(frozen=True)
 class Layout:
     root: Path = Path(".")
@@ -94,13 +97,16 @@ def run_stage(stage: str, params_path: str | Path = "params.yaml", root: str | P
     return result
 
 
-def component_stage(stage: str, params_text: str, tracking_uri: str, parent_run_id: str, call,
+def component_stage(stage: str, params_text: str, tracking_uri: str, job_id: str, call,
                     metrics_artifact=None, device: str = "") -> StageResult:
     """A stage inside a Kubeflow component: settings from YAML text, MLflow at ``tracking_uri``.
 
-    ``call(view, registry)`` runs the stage on the component's artifact paths. With an empty
-    ``tracking_uri`` nothing is logged (and promotion, which needs the registry, refuses to run).
-    ``device`` (when given) replaces ``base.device``, e.g. for the one step that gets a GPU.
+    ``call(view, registry)`` runs the stage on the component's artifact paths. Its MLflow run nests
+    under the pipeline run tagged with the Kubeflow job id ``job_id`` (found by tag rather than
+    passed from task to task: kfp's local runner hands a ParallelFor body the loop item in place of
+    an upstream task's output). With an empty ``tracking_uri`` nothing is logged (and promotion,
+    which needs the registry, refuses to run). ``device`` (when given) replaces ``base.device``,
+    e.g. for the one step that gets a GPU.
     """
     from meg import tracking
 
@@ -118,7 +124,8 @@ def component_stage(stage: str, params_text: str, tracking_uri: str, parent_run_
     else:
         tracking.configure(Path.cwd())
         registry = tracking.Registry(config.section_config(view, "promote").model_name) if stage == "promote" else None
-        with tracking.stage_run(stage, config.flat(view), parent_run_id=parent_run_id or None):
+        parent = tracking.find_pipeline_run(JOB_TAG, job_id) if job_id else None
+        with tracking.stage_run(stage, config.flat(view), parent_run_id=parent, tags={JOB_TAG: job_id}):
             result = call(view, registry)
             tracking.log_result(result)
     if metrics_artifact is not None:

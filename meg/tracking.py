@@ -79,11 +79,12 @@ def end_pipeline_run(run_id: str, ok: bool) -> None:
     MlflowClient().set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
 
-def find_run(tag: str, value: str) -> str | None:
-    """The id of the run of the configured experiment whose ``tag`` is ``value`` (the newest), if any."""
+def find_pipeline_run(tag: str, value: str) -> str | None:
+    """The id of the newest pipeline run of the configured experiment whose ``tag`` is ``value``."""
     import mlflow
 
-    runs = mlflow.search_runs(experiment_names=[_configured["experiment"]], filter_string=f"tags.`{tag}` = '{value}'",
+    runs = mlflow.search_runs(experiment_names=[_configured["experiment"]],
+                              filter_string=f"tags.`meg.kind` = 'pipeline' and tags.`{tag}` = '{value}'",
                               order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
     return runs[0].info.run_id if runs else None
 

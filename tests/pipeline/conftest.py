@@ -3,7 +3,6 @@ settings that run every stage in seconds, and a workspace holding the raw facts 
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import socket
@@ -67,6 +66,39 @@ def workspace(tmp_path, params) -> Path:
     restore_raw_data(tmp_path / "data")
     write_params(tmp_path, params)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, tiny_model_dir) -> Path:
+    """A workspace where prepare .. evaluate ran once (tracking off); copy it before changing it."""
+    from meg import runner
+    from meg.data import restore_raw_data
+
+    root = tmp_path_factory.mktemp("built")
+    restore_raw_data(root / "data")
+    write_params(root, small_params(tiny_model_dir))
+    saved = os.environ.get("MEG_TRACKING")
+    os.environ["MEG_TRACKING"] = "off"
+    try:
+        for stage in ("prepare", "fit", "encoder", "router", "generator", "attach", "evaluate"):
+            runner.run_stage(stage, root / "params.yaml", root, progress=False)
+    finally:
+        if saved is None:
+            os.environ.pop("MEG_TRACKING")
+        else:
+            os.environ["MEG_TRACKING"] = saved
+    return root
+
+
+def copy_workspace(src: Path, dst: Path, monkeypatch) -> Path:
+    """A copy of a built workspace with its own (empty) MLflow store and tracking on."""
+    from meg import tracking
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MEG_TRACKING", "on")
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    return dst
 
 
 def free_port() -> int:

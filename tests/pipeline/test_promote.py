@@ -3,51 +3,24 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from meg import config, runner, tracking
 from meg.stages import promote as promote_stage
 from meg.stages.common import write_json
-from tests.pipeline.conftest import small_params, write_params
+from tests.pipeline.conftest import copy_workspace, write_params
 
 NAME = "meg-editor"
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_model_dir):
-    """A workspace where prepare .. evaluate ran once (tracking off)."""
-    import os
-
-    from meg.data import restore_raw_data
-
-    root = tmp_path_factory.mktemp("promote")
-    restore_raw_data(root / "data")
-    params = small_params(tiny_model_dir)
-    params["promote"].update(min_score=50.0, min_locality=70.0)
-    write_params(root, params)
-    saved = os.environ.get("MEG_TRACKING")
-    os.environ["MEG_TRACKING"] = "off"
-    try:
-        for stage in ("prepare", "fit", "encoder", "router", "generator", "attach", "evaluate"):
-            runner.run_stage(stage, root / "params.yaml", root, progress=False)
-    finally:
-        if saved is None:
-            os.environ.pop("MEG_TRACKING")
-        else:
-            os.environ["MEG_TRACKING"] = saved
-    return root
-
-
 @pytest.fixture
 def ws(built, tmp_path, monkeypatch):
-    """A fresh copy of the built workspace with its own MLflow store."""
-    root = tmp_path / "ws"
-    shutil.copytree(built, root, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("MEG_TRACKING", "on")
-    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    """A fresh copy of the built workspace (gates at Score 50 / Locality 70) with its own MLflow store."""
+    root = copy_workspace(built, tmp_path / "ws", monkeypatch)
+    params = config.load_params(root / "params.yaml")
+    params["promote"].update(min_score=50.0, min_locality=70.0)
+    write_params(root, params)
     return root
 
 
