@@ -49,10 +49,18 @@ def _facts_add(args: argparse.Namespace) -> int:
     from meg.factstore import FactStore
     from meg.stages.prepare import edit_set
 
+    from meg.errors import FactsError
+
     cfg = config.section_config(config.load_params(args.params), "prepare")
     current, _ = edit_set(cfg)
     store = FactStore(Path(cfg.data_dir) / cfg.facts_dir)
-    report = store.add(args.file, current, fmt=args.format)
+    try:
+        report = store.add(args.file, current, fmt=args.format)
+    except FactsError as e:  # one line per problem, as `meg facts validate` prints them
+        for problem in e.problems:
+            print(problem)
+        print(f"meg: {args.file}: rejected, the fact store is unchanged", file=sys.stderr)
+        return 2
     for note in report.notes:
         print(note, file=sys.stderr)
     print(f"{args.file}: {report.n_read} facts: {report.n_new} new, {report.n_override} overriding, "

@@ -1,0 +1,1 @@
+"""Other editors behind the same `meg.evaluate.Editor` interface, for side-by-side comparison."""

@@ -1,0 +1,119 @@
+"""Run editors side by side on the same model, edits and metrics (used by bench.quality and demo)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+from meg import evaluate, lm
+from meg.editors import make_editor
+
+COLUMNS = ("rel_ag", "rel_tf", "gen_ag", "gen_tf", "loc_ag", "loc_tf", "score", "es", "ps", "ns",
+           "edit_seconds", "eval_seconds", "peak_rss_mb")
+
+
+class PeakRSS:
+    """Peak resident memory of this process over a block, sampled in a background thread."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
+
+
+@dataclass
+class BenchResult:
+    model: str
+    model_hash: str
+    dataset: str
+    n_edits: int
+    methods: dict[str, dict] = field(default_factory=dict)
+    records: dict[str, list[dict]] = field(default_factory=dict)
+    extras: dict[str, dict] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"model": self.model, "model_hash": self.model_hash, "dataset": self.dataset,
+                "n_edits": self.n_edits, "methods": self.methods}
+
+    def write(self, out: Path) -> Path:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(self.summary(), indent=2))
+        records = out.with_suffix(".records.jsonl")
+        with open(records, "w") as f:
+            for name, rows in self.records.items():
+                for r in rows:
+                    f.write(json.dumps({"method": name, **r}) + "\n")
+        return records
+
+    def table(self) -> str:
+        heads = ("rel_ag", "rel_tf", "gen_ag", "gen_tf", "loc_ag", "loc_tf", "score", "es", "ps", "ns",
+                 "edit_s", "eval_s", "rss_mb")
+        lines = [f"{'method':<10}" + "".join(f"{h:>8}" for h in heads)]
+        for name, m in self.methods.items():
+            cells = [m.get(c) for c in COLUMNS]
+            lines.append(f"{name:<10}" + "".join(f"{'-':>8}" if v is None else f"{v:>8.1f}" for v in cells))
+        return "\n".join(lines)
+
+
+def run_methods(
+    loaded: lm.LoadedModel,
+    edits: list,
+    dataset: str,
+    methods: list[str],
+    batch_size: int = 32,
+    on_result: Callable[[str, dict], None] | None = None,
+    editor_factory: Callable[[str], evaluate.Editor] = make_editor,
+    labels: evaluate.LocalityLabels | None = None,
+) -> BenchResult:
+    """Apply each editor to the same edits (one batch) and evaluate it; the base model is restored after each.
+
+    ``labels`` are the pre-edit model's locality answers when already known (the pipeline's prepare
+    stage computes them once); otherwise they are computed here.
+    """
+    if labels is None:
+        base = evaluate.EditedLM(loaded, batch_size=batch_size)
+        t0 = time.time()
+        labels = evaluate.locality_labels(base, edits)
+        print(f"locality labels from the pre-edit model: {time.time() - t0:.1f} s", flush=True)
+    result = BenchResult(loaded.model_id, loaded.content_hash, dataset, len(edits))
+    for name in methods:
+        editor = editor_factory(name)
+        with PeakRSS() as peak:
+            t0 = time.time()
+            edited = editor.apply(loaded, edits)
+            edited.batch_size = batch_size
+            edit_seconds = time.time() - t0
+            try:
+                res = evaluate.evaluate(edited, edits, labels)
+            finally:
+                edited.close()
+        metrics = dict(res.metrics)
+        metrics.update(edit_seconds=edit_seconds, eval_seconds=res.seconds, peak_rss_mb=peak.peak_mb)
+        result.methods[name] = metrics
+        result.records[name] = res.records
+        result.extras[name] = dict(getattr(edited, "extra_metrics", {}) or {})
+        print(f"{name}: score {metrics['score']:.1f} (edit {edit_seconds:.1f} s, eval {res.seconds:.1f} s)", flush=True)
+        if on_result:
+            on_result(name, metrics)
+    return result

@@ -1,0 +1,375 @@
+"""The MeG editor and the edited model: query -> encoder -> router -> generator -> neuron -> LM.
+
+Building (``MegEditor.apply`` or ``build``):
+1. fit one neuron per edit (``meg.fit``);
+2. take the query encoder, fine-tuned with InfoNCE on pseudo-edits (``meg.encoder``), cached per
+   configuration because it does not depend on the edit set;
+3. fit the router on the edit prompts' embeddings and calibrate its threshold on held-out
+   pseudo-edits of the same count (``meg.router``);
+4. train the diffusion weight generator on (prompt embedding, fitted weights) (``meg.generator``).
+
+Answering (``EditedModel``): every prompt of a batch is embedded and routed; routed prompts get
+neuron weights sampled from the generator (seeded, so answers are deterministic), the others get
+none, and one batched forward pass serves them all.
+
+``EditedModel.save(dir)`` writes a bundle: the encoder, router, generator, w0 and a manifest with
+the base model id and content hash, the layer, every config and the package versions, plus a
+sha256 of every file. ``load`` refuses a bundle whose files or base model do not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from meg import evaluate, fit, lm
+from meg.errors import BundleError, ConfigError
+
+if TYPE_CHECKING:
+    from meg.facts import EditRequest
+
+BUNDLE_FORMAT = 1
+
+
+@dataclass
+class MegConfig:
+    fit: fit.FitConfig = field(default_factory=lambda: fit.FitConfig(n_variants=4))
+    encoder: dict = field(default_factory=dict)  # overrides of meg.encoder.EncoderConfig
+    router: str = "nearest"  # "nearest" (cosine to the nearest edit) or "familiarity" (the paper's)
+    router_options: dict = field(default_factory=dict)
+    generator: dict = field(default_factory=dict)  # overrides of meg.generator.GeneratorConfig
+    weights: str = "generator"  # "generator" (MeG) or "lookup" (the nearest edit's fitted weights)
+    generator_variants: bool = True  # also train the generator on rewordings' embeddings -> the edit's weights
+    n_pseudo_encoder: int = 5000  # train-split pseudo-edits for the encoder
+    n_pseudo_calibration: int = 2000  # held-out train-split pseudo-edits for the router threshold
+    sample_seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fit, dict):
+            self.fit = fit.FitConfig(**self.fit)
+        if self.router not in ("nearest", "familiarity", "off"):
+            raise ConfigError(f"meg: bad value for 'router': {self.router!r} (nearest, familiarity, off)")
+        if self.weights not in ("generator", "lookup"):
+            raise ConfigError(f"meg: bad value for 'weights': {self.weights!r} (generator, lookup)")
+
+
+class EditedModel(evaluate.EditedLM):
+    """A base model answering with MeG's generated neuron weights."""
+
+    def __init__(self, loaded, layer, act, encoder, router, generator, w0, cfg: MegConfig,
+                 lookup: torch.Tensor | None = None, info: dict | None = None, batch_size: int = 32):
+        super().__init__(loaded, self._weights_for, layer=layer, act=act, batch_size=batch_size)
+        self.encoder, self.router, self.generator, self.w0 = encoder, router, generator, w0
+        self.cfg, self.lookup, self.info = cfg, lookup, info or {}
+        self.extra_metrics: dict = {}
+
+    def route(self, prompts: list[str]):
+        emb = self.encoder.encode(prompts)
+        if self.cfg.router == "off":
+            n = len(prompts)
+            return emb, torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long), torch.ones(n)
+        mask, nearest, conf = self.router.route(emb)
+        return emb, mask, nearest, conf
+
+    def _weights_for(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        emb, mask, nearest, _ = self.route(prompts)
+        w = torch.zeros(len(prompts), self.w0.numel())
+        rows = mask.nonzero().flatten()
+        if rows.numel():
+            if self.cfg.weights == "lookup":
+                w[rows] = self.lookup[nearest[rows]]
+            else:
+                w[rows] = self.generator.sample(emb[rows], seed=self.cfg.sample_seed)
+        return w, mask
+
+    def explain(self, prompts: list[str]) -> list[dict]:
+        _, mask, nearest, conf = self.route(prompts)
+        return [{"routed": bool(m), "nearest": int(n), "confidence": float(c)} for m, n, c in zip(mask, nearest, conf)]
+
+    # ---- bundle -------------------------------------------------------------------------------
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        self.encoder.save(tmp / "encoder")
+        if self.router is not None:
+            self.router.save(tmp / "router")
+        if self.generator is not None:
+            self.generator.save(tmp / "generator")
+        from safetensors.torch import save_file
+
+        tensors = {"w0": self.w0.contiguous()}
+        if self.lookup is not None:
+            tensors["lookup"] = self.lookup.contiguous()
+        save_file(tensors, str(tmp / "weights.safetensors"))
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "base_model": self.loaded.model_id,
+            "base_model_hash": self.loaded.content_hash,
+            "layer": self.layer,
+            "act": self.act,
+            "config": _config_dict(self.cfg),
+            "info": self.info,
+            "versions": _versions(),
+            "files": _hash_tree(tmp),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return out
+
+    @classmethod
+    def load(cls, bundle: str | Path, loaded: lm.LoadedModel | None = None) -> "EditedModel":
+        from safetensors.torch import load_file
+
+        from meg.encoder import QueryEncoder
+        from meg.generator import WeightGenerator
+        from meg.router import load_router
+
+        bundle = Path(bundle)
+        manifest_path = bundle / "manifest.json"
+        if not manifest_path.is_file():
+            raise BundleError(f"{bundle}: not an edit bundle (no manifest.json)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError as e:
+            raise BundleError(f"{manifest_path}: corrupted manifest: {e}") from e
+        actual = _hash_tree(bundle, skip={"manifest.json"})
+        if actual != manifest.get("files"):
+            bad = sorted(set(actual.items()) ^ set(manifest.get("files", {}).items()))
+            raise BundleError(f"{bundle}: files do not match the manifest (corrupted or changed): "
+                              f"{', '.join(sorted({k for k, _ in bad}))}")
+        if loaded is None:
+            loaded = lm.load_model(manifest["base_model"])
+        if loaded.content_hash != manifest["base_model_hash"]:
+            raise BundleError(
+                f"{bundle}: built for base model {manifest['base_model']} with hash "
+                f"{manifest['base_model_hash'][:12]}, but the loaded model has hash {loaded.content_hash[:12]}"
+            )
+        cfg = _config_from_dict(manifest["config"])
+        tensors = load_file(str(bundle / "weights.safetensors"))
+        encoder = QueryEncoder.load(bundle / "encoder")
+        router = load_router(bundle / "router") if (bundle / "router").exists() else None
+        generator = WeightGenerator.load(bundle / "generator") if (bundle / "generator").exists() else None
+        return cls(loaded, manifest["layer"], manifest["act"], encoder, router, generator, tensors["w0"], cfg,
+                   lookup=tensors.get("lookup"), info=manifest.get("info"))
+
+
+class MegEditor(evaluate.Editor):
+    """MeG behind the evaluation harness."""
+
+    name = "meg"
+
+    def __init__(self, cfg: MegConfig | None = None, work_dir: str | Path | None = None, progress: bool = True):
+        self.cfg = cfg or MegConfig()
+        self.work_dir = Path(work_dir) if work_dir else None
+        self.progress = progress
+
+    def apply(self, loaded: lm.LoadedModel, edits: "list[EditRequest]") -> EditedModel:
+        model = build(loaded, edits, self.cfg, self.work_dir, self.progress)
+        model.extra_metrics = {**model.info.get("timings", {}), **router_confusion(model, edits)}
+        return model
+
+
+def pseudo_pool(edits: "list[EditRequest]") -> list:
+    """Pseudo-edits: CounterFact *train* records sharing no key and no text with the edit set.
+
+    They train the encoder and calibrate the router; the evaluated edits never enter either.
+    """
+    from meg.facts import load_benchmark
+
+    keys = {e.content_key for e in edits}
+    texts = {e.prompt for e in edits}
+    return [e for e in load_benchmark("counterfact", "train")
+            if e.content_key not in keys and e.paraphrases and e.locality
+            and not ({e.prompt, e.paraphrases[0], e.locality[0].prompt} & texts)]
+
+
+def template_bank(cfg: MegConfig, pool: list):
+    """Relation rewordings learned from the pseudo-edits (None when neither fitting nor the generator uses them)."""
+    from meg.augment import TemplateBank
+
+    return TemplateBank.from_records(pool) if cfg.fit.n_variants or cfg.generator_variants else None
+
+
+def encoder_for(cfg: MegConfig, pool: list, progress: bool = True, cache_root: Path | None = None):
+    """The query encoder, fine-tuned on pseudo-edits; cached by config and training pairs.
+
+    The cache lives under ``cache_root`` (default ``$MEG_HOME/encoders``): the encoder does not
+    depend on the edit set, so every build with the same settings reuses it.
+    """
+    from meg.encoder import EncoderConfig, QueryEncoder
+
+    enc_cfg = EncoderConfig(**{"device": cfg.device, **cfg.encoder})
+    train = pool[: cfg.n_pseudo_encoder]
+    key = hashlib.sha256(json.dumps({"cfg": asdict(enc_cfg), "pairs": [e.content_key for e in train]},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    cache = (cache_root or lm.meg_home() / "encoders") / key
+    if cache.is_dir():
+        try:
+            return QueryEncoder.load(cache)
+        except Exception:  # an incomplete cache entry: train again
+            pass
+    encoder = QueryEncoder(enc_cfg)
+    if enc_cfg.trainable != "none":
+        encoder.finetune([e.prompt for e in train], [e.paraphrases[0] for e in train],
+                         [e.locality[0].prompt for e in train], progress=progress)
+    encoder.save(cache)
+    return encoder
+
+
+def calibration_set(cfg: MegConfig, pool: list):
+    """Held-out pseudo-edits for the router threshold: disjoint from the encoder's training pairs."""
+    from meg.router import PseudoEdits
+
+    calib = pool[cfg.n_pseudo_encoder : cfg.n_pseudo_encoder + cfg.n_pseudo_calibration]
+    return PseudoEdits(
+        prompts=tuple(e.prompt for e in calib),
+        paraphrases=tuple(e.paraphrases[0] for e in calib),
+        unrelated=tuple(e.locality[0].prompt for e in calib),
+        filler=tuple(e.prompt for e in pool[: cfg.n_pseudo_encoder]),
+    )
+
+
+def fit_router(cfg: MegConfig, encoder, edits: "list[EditRequest]", pseudo):
+    """(router, calibration) fitted on the edit prompts, threshold chosen on the pseudo-edits; (None, None) when off."""
+    from meg.router import RouterConfig, build_router
+
+    if cfg.router == "off":
+        return None, None
+    rcfg = RouterConfig(kind=cfg.router, device=cfg.device, **cfg.router_options)
+    return build_router(rcfg, encoder.encode, [e.prompt for e in edits], pseudo)
+
+
+def generator_pairs(cfg: MegConfig, edits: "list[EditRequest]", encoder, bank) -> tuple[torch.Tensor, list[int]]:
+    """The generator's conditions (M, C) and, per condition, the index of the edit whose weights it maps to.
+
+    Every edit prompt is a condition; with ``generator_variants`` its rewordings from the template
+    bank are too (they map to the same fitted weights).
+    """
+    cond_texts, rows = [e.prompt for e in edits], list(range(len(edits)))
+    if cfg.generator_variants and bank is not None:
+        for i, e in enumerate(edits):
+            for v in bank.variants(e.prompt, e.subject, cfg.fit.n_variants or 8):
+                cond_texts.append(v)
+                rows.append(i)
+    return encoder.encode(cond_texts), rows
+
+
+def train_generator(cfg: MegConfig, cond: torch.Tensor, weights: torch.Tensor, w0: torch.Tensor,
+                    ckpt_dir: Path | None = None, progress: bool = True, init_from=None):
+    """The diffusion weight generator trained on (condition, fitted weights) pairs."""
+    from meg.generator import GeneratorConfig, WeightGenerator
+
+    generator = WeightGenerator(GeneratorConfig(**{"device": cfg.device, **cfg.generator}))
+    generator.fit(cond, weights, w0, ckpt_dir=ckpt_dir, progress=progress, init_from=init_from)
+    return generator
+
+
+def build(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfig,
+          work_dir: Path | None = None, progress: bool = True) -> EditedModel:
+    """Fit, encode, route, generate: the whole MeG build for one edit set, in memory.
+
+    The pipeline stages run the same steps one by one with files in between.
+    """
+    timings: dict[str, float] = {}
+    pool = pseudo_pool(edits)
+    bank = template_bank(cfg, pool)
+
+    t0 = time.time()
+    fitted = fit.fit_edits(loaded, edits, cfg.fit, store_dir=work_dir / "fit" if work_dir else None,
+                           progress=progress, bank=bank)
+    timings["fit_seconds"] = time.time() - t0
+
+    t0 = time.time()
+    encoder = encoder_for(cfg, pool, progress)
+    timings["encoder_seconds"] = time.time() - t0
+
+    t0 = time.time()
+    router, calibration = fit_router(cfg, encoder, edits, calibration_set(cfg, pool))
+    timings["router_seconds"] = time.time() - t0
+
+    t0 = time.time()
+    generator = None
+    if cfg.weights == "generator":
+        cond, rows = generator_pairs(cfg, edits, encoder, bank)
+        generator = train_generator(cfg, cond, fitted.weights[rows], fitted.w0,
+                                    ckpt_dir=work_dir / "generator" if work_dir else None, progress=progress)
+    timings["generator_seconds"] = time.time() - t0
+
+    info = {
+        "n_edits": len(edits),
+        "fit": fitted.report(),
+        "calibration": asdict(calibration) if calibration else None,
+        "timings": timings,
+        "edit_ids": [e.id for e in edits],
+    }
+    lookup = fitted.weights if cfg.weights == "lookup" else None
+    return EditedModel(loaded, fitted.layer, cfg.fit.act, encoder, router, generator, fitted.w0, cfg,
+                       lookup=lookup, info=info)
+
+
+def router_confusion(model: EditedModel, edits: "list[EditRequest]") -> dict[str, float]:
+    """Share of edit prompts, paraphrases and locality prompts routed (report only, never tuned on)."""
+    out: dict[str, float] = {}
+    groups = {
+        "prompt": [e.prompt for e in edits],
+        "paraphrase": [e.paraphrases[0] for e in edits if e.paraphrases],
+        "locality": [e.locality[0].prompt for e in edits if e.locality],
+    }
+    for name, texts in groups.items():
+        if not texts:
+            continue
+        _, mask, nearest, _ = model.route(texts)
+        out[f"router_{name}_routed"] = 100.0 * float(mask.float().mean())
+        if name != "locality":
+            own = torch.tensor([i for i, e in enumerate(edits) if name == "prompt" or e.paraphrases])
+            out[f"router_{name}_right_edit"] = 100.0 * float((mask & (nearest == own)).float().mean())
+    return out
+
+
+def _config_dict(cfg: MegConfig) -> dict:
+    return asdict(cfg)
+
+
+def _config_from_dict(d: dict) -> MegConfig:
+    d = dict(d)
+    d["fit"] = fit.FitConfig(**d["fit"])
+    return MegConfig(**d)
+
+
+def _versions() -> dict:
+    import transformers
+
+    import meg
+
+    return {"meg": meg.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _hash_tree(root: Path, skip: set[str] = frozenset({"manifest.json"})) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in skip:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            out[rel] = h.hexdigest()
+    return out

@@ -1,0 +1,534 @@
+"""The router: does a query concern an edited fact? (paper, section 2 item 2)
+
+Two routers share one interface on unit query embeddings (C = the encoder's width):
+
+- ``FamiliarityRouter``, the paper's: a small network memorises a *random* label out of K for every
+  edit embedding; near a memorised edit its output is confident. score = -entropy of the softmax,
+  routed if entropy < threshold (the paper's eps; max entropy ln K).
+- ``NearestEditRouter``: cosine similarity to the nearest edit embedding, routed if > threshold.
+
+Both report the nearest edit (by cosine) for explanations and lookups.
+
+The threshold is never tuned on the evaluated edit set. ``calibrate_router`` fits a fresh router of
+the same kind on the same *number* of held-out pseudo-edits (CounterFact train prompts) and picks
+the threshold that best separates those pseudo-edits' paraphrases from unrelated prompts;
+``build_router`` then fits the real router on the edit prompts only and gives it that threshold.
+Neither function has a parameter through which evaluation paraphrases or locality prompts could
+enter.
+
+Notation (paper -> code): K -> ``num_labels``, eps -> ``threshold`` of the familiarity router,
+H -> ``entropy``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meg.errors import BundleError, ConfigError
+
+ROUTERS = ("nearest", "familiarity")
+OBJECTIVES = ("harmonic", "balanced")
+CONFIG_FILE, WEIGHTS_FILE = "router.json", "router.safetensors"
+
+
+@dataclass
+class RouterConfig:
+    kind: str = "nearest"  # "nearest" (cosine to the nearest edit) or "familiarity" (the paper's network)
+    threshold: float | None = None  # familiarity: route if entropy < threshold; nearest: if cosine > threshold
+    objective: str = "harmonic"  # calibration: harmonic or plain mean of paraphrase/edit recall and rejection
+    chunk_size: int = 4096  # edit embeddings per similarity matmul (memory bound for large edit sets)
+    num_labels: int = 10  # familiarity: K random labels
+    blocks: int = 5  # familiarity: residual blocks Linear(C,4C)-GELU-Linear(4C,C)-Dropout
+    dropout: float = 0.1  # familiarity: dropout in every block
+    lr: float = 1e-3  # familiarity: AdamW learning rate
+    batch_size: int = 256  # familiarity: edits per step
+    max_epochs: int = 500  # familiarity: give up memorising after this many epochs
+    scale_input: bool = True  # familiarity: feed sqrt(C) * embedding (unit-size coordinates; memorises ~10x faster)
+    stop_loss: float = 0.01  # familiarity: memorised once every label is right and the epoch's mean loss is below
+    seed: int = 0  # familiarity: labels, initialisation, batch order
+    device: str = "cpu"  # familiarity: where the network trains and runs
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"router: bad value for '{name}': {getattr(self, name)!r} ({why})")
+
+        if self.kind not in ROUTERS:
+            raise bad("kind", " | ".join(ROUTERS))
+        if self.objective not in OBJECTIVES:
+            raise bad("objective", " | ".join(OBJECTIVES))
+        if self.threshold is not None and (not _is_number(self.threshold) or not math.isfinite(self.threshold)):
+            raise bad("threshold", "a number or null (not calibrated)")
+        for name in ("chunk_size", "num_labels", "blocks", "batch_size", "max_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(name, "an integer >= 1")
+        if self.num_labels < 2:
+            raise bad("num_labels", "at least 2 labels")
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            raise bad("dropout", "in [0, 1)")
+        for name in ("lr", "stop_loss"):
+            if not _is_number(getattr(self, name)) or not getattr(self, name) > 0:
+                raise bad(name, "a positive number")
+        if not isinstance(self.seed, int):
+            raise bad("seed", "an integer")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
+            raise bad("device", str(e)) from e
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def nearest_cosine(
+    queries: torch.Tensor, keys: torch.Tensor, chunk_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, C) x (N, C) unit vectors -> (max cosine (M,), index of the nearest key (M,)), N in chunks."""
+    best = torch.full((queries.shape[0],), -math.inf)
+    arg = torch.zeros(queries.shape[0], dtype=torch.long)
+    for s in range(0, keys.shape[0], chunk_size):
+        sims = queries @ keys[s : s + chunk_size].T  # (M, chunk)
+        value, index = sims.max(1)
+        better = value > best
+        best = torch.where(better, value, best)
+        arg = torch.where(better, index + s, arg)
+    return best, arg
+
+
+class Router:
+    """Common part: the edit embeddings, routing by threshold, calibration, confusion, persistence."""
+
+    kind = ""
+
+    def __init__(self, config: RouterConfig | None = None):
+        self.config = config or RouterConfig(kind=self.kind)
+        if self.config.kind != self.kind:
+            raise ConfigError(f"router: config of kind {self.config.kind!r} given to a {self.kind!r} router")
+        self.edit_emb: torch.Tensor | None = None  # (N, C) unit vectors of the edit prompts
+
+    # -- to implement: score, and the map between score and threshold units --
+
+    def score(self, query_emb: torch.Tensor) -> torch.Tensor:
+        """(M, C) -> (M,) familiarity; higher = more likely an edited fact."""
+        raise NotImplementedError
+
+    def _score_cut(self, threshold: float) -> float:
+        return threshold
+
+    def _threshold_of(self, cut: float) -> float:
+        return cut
+
+    def _fit(self, edit_emb: torch.Tensor) -> None:
+        pass
+
+    # -- shared --
+
+    @property
+    def n_edits(self) -> int:
+        return 0 if self.edit_emb is None else int(self.edit_emb.shape[0])
+
+    def fit(self, edit_emb: torch.Tensor) -> "Router":
+        """Fit on the (N, C) embeddings of the edit prompts (and nothing else)."""
+        if edit_emb.ndim != 2 or edit_emb.shape[0] < 1:
+            raise ValueError(f"router.fit: expected (N, C) edit embeddings with N >= 1, got {tuple(edit_emb.shape)}")
+        self.edit_emb = F.normalize(edit_emb.detach().float().cpu(), dim=-1)
+        self._fit(self.edit_emb)
+        return self
+
+    def _check_fitted(self) -> torch.Tensor:
+        if self.edit_emb is None:
+            raise ConfigError(f"router ({self.kind}): not fitted; call fit(edit embeddings) first")
+        return self.edit_emb
+
+    def nearest(self, query_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(max cosine, nearest edit index) of every query."""
+        q = F.normalize(query_emb.detach().float().cpu(), dim=-1)
+        return nearest_cosine(q, self._check_fitted(), self.config.chunk_size)
+
+    def route(self, query_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mask (M,) bool: routed to an edit, nearest edit index (M,), confidence (M,) in [0, 1])."""
+        if self.config.threshold is None:
+            raise ConfigError(f"router ({self.kind}): no threshold; calibrate it (calibrate_router) or set one")
+        score, nearest = self._score_and_nearest(query_emb)
+        return score > self._score_cut(self.config.threshold), nearest, self._confidence(score)
+
+    def _score_and_nearest(self, query_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.score(query_emb), self.nearest(query_emb)[1]
+
+    def _confidence(self, score: torch.Tensor) -> torch.Tensor:
+        return score.clamp(0.0, 1.0)
+
+    def calibrate(
+        self,
+        positive_emb: torch.Tensor,
+        negative_emb: torch.Tensor,
+        target_recall: float | None = None,
+        edit_emb: torch.Tensor | None = None,
+    ) -> dict:
+        """Set the threshold from queries that should route (positives) and should not (negatives).
+
+        positive_emb: paraphrases of the fitted edits; negative_emb: unrelated prompts; edit_emb
+        (optional): the fitted edit prompts, which must keep routing too. The cut maximises the
+        configured objective (see ``choose_cut``). Returns what was chosen.
+        """
+        pos, neg = self.score(positive_emb), self.score(negative_emb)
+        edit = self.score(edit_emb) if edit_emb is not None else None
+        cut, recall, rejection, edit_recall = choose_cut(pos, neg, self.config.objective, target_recall, edit)
+        self.config.threshold = self._threshold_of(cut)
+        return {"threshold": self.config.threshold, "recall": recall, "rejection": rejection,
+                "edit_recall": edit_recall, "n_positive": int(pos.numel()), "n_negative": int(neg.numel())}
+
+    def confusion(
+        self,
+        edit_query_emb: torch.Tensor,
+        paraphrase_emb: torch.Tensor,
+        unrelated_emb: torch.Tensor,
+        paraphrase_of: torch.Tensor | None = None,
+    ) -> dict[str, float]:
+        """Share routed of edit prompts, paraphrases and unrelated prompts (0-1).
+
+        paraphrase_of (P,) gives the edit index each paraphrase rephrases; then also the share of
+        paraphrases routed *and* nearest to their own edit.
+        """
+        out = {}
+        for name, emb in (("edit", edit_query_emb), ("paraphrase", paraphrase_emb), ("unrelated", unrelated_emb)):
+            if not len(emb):
+                out[f"{name}_routed"] = float("nan")
+                continue
+            mask, nearest, _ = self.route(emb)
+            out[f"{name}_routed"] = float(mask.float().mean())
+            if name == "paraphrase" and paraphrase_of is not None:
+                out["paraphrase_routed_right"] = float((mask & (nearest == paraphrase_of.cpu())).float().mean())
+        return out
+
+    # -- persistence --
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def save(self, out_dir: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {"edit_emb": self._check_fitted().contiguous(), **self._tensors()}
+        save_file(tensors, str(out / WEIGHTS_FILE))
+        (out / CONFIG_FILE).write_text(json.dumps({"config": asdict(self.config), "n_edits": self.n_edits}, indent=2))
+        return out
+
+
+def load_router(in_dir: str | Path, device: str | None = None) -> Router:
+    """A saved router of either kind."""
+    from safetensors.torch import load_file
+
+    src = Path(in_dir)
+    try:
+        meta = json.loads((src / CONFIG_FILE).read_text())
+        tensors = load_file(str(src / WEIGHTS_FILE))
+        config = RouterConfig(**meta["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BundleError(f"{src}: not a saved router ({e})") from e
+    if device is not None:
+        config.device = device
+    router = make_router(config)
+    router.edit_emb = tensors.pop("edit_emb")
+    if router.n_edits != meta.get("n_edits"):
+        raise BundleError(f"{src}: holds {router.n_edits} edit embeddings, {CONFIG_FILE} says {meta.get('n_edits')}")
+    router._load_tensors(tensors)
+    return router
+
+
+def make_router(config: RouterConfig) -> Router:
+    return {"nearest": NearestEditRouter, "familiarity": FamiliarityRouter}[config.kind](config)
+
+
+# ---- the two routers --------------------------------------------------------------------------
+
+
+class NearestEditRouter(Router):
+    """Routed if the cosine to the nearest edit embedding exceeds the threshold."""
+
+    kind = "nearest"
+
+    def score(self, query_emb: torch.Tensor) -> torch.Tensor:
+        return self.nearest(query_emb)[0]
+
+    def _score_and_nearest(self, query_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.nearest(query_emb)  # one pass: the score is the nearest cosine
+
+
+class FamiliarityNet(nn.Module):
+    """Residual MLP (blocks x [Linear(C,4C)-GELU-Linear(4C,C)-Dropout]) then Linear(C,K)."""
+
+    def __init__(self, dim: int, num_labels: int, blocks: int, dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+            for _ in range(blocks)
+        )
+        self.head = nn.Linear(dim, num_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B, K) logits
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(B, K) -> (B,) entropy of the softmax in nats."""
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def first_duplicate(emb: torch.Tensor, min_cos: float = 1 - 1e-5, chunk_size: int = 2048) -> torch.Tensor:
+    """(N, C) unit vectors -> (N,) index of the first row equal to each row (itself if none earlier)."""
+    out = torch.empty(emb.shape[0], dtype=torch.long)
+    for s in range(0, emb.shape[0], chunk_size):
+        same = emb[s : s + chunk_size] @ emb.T > min_cos  # (chunk, N); true at least on the diagonal
+        out[s : s + chunk_size] = same.float().argmax(1)  # first true column
+    return out
+
+
+class FamiliarityRouter(Router):
+    """The paper's router: memorise random labels of the edits; familiar = low output entropy."""
+
+    kind = "familiarity"
+
+    def __init__(self, config: RouterConfig | None = None):
+        super().__init__(config)
+        self.net: FamiliarityNet | None = None
+        self.labels: torch.Tensor | None = None  # (N,) the random label of every edit
+        self.history: list[float] = []  # mean training loss per epoch
+
+    def _score_cut(self, threshold: float) -> float:
+        return -threshold  # entropy < eps  <=>  -entropy > -eps
+
+    def _threshold_of(self, cut: float) -> float:
+        return -cut
+
+    def _confidence(self, score: torch.Tensor) -> torch.Tensor:
+        return (1.0 + score / math.log(self.config.num_labels)).clamp(0.0, 1.0)  # 1 - H / ln K
+
+    def _new_net(self, dim: int) -> FamiliarityNet:
+        cfg = self.config
+        return FamiliarityNet(dim, cfg.num_labels, cfg.blocks, cfg.dropout).to(cfg.device)
+
+    def _fit(self, edit_emb: torch.Tensor) -> None:
+        cfg = self.config
+        g = torch.Generator().manual_seed(cfg.seed)
+        # the same prompt twice (equal embeddings up to rounding) gets one label, or it could never be memorised
+        self.labels = torch.randint(cfg.num_labels, (edit_emb.shape[0],), generator=g)[first_duplicate(edit_emb)]
+        torch.manual_seed(cfg.seed)  # initialisation and dropout
+        self.net = self._new_net(edit_emb.shape[1])
+        x, y = self._inputs(edit_emb), self.labels.to(cfg.device)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr)
+        self.history = []
+        self.net.train()
+        for _ in range(cfg.max_epochs):
+            total, right = 0.0, 0
+            for idx in torch.randperm(len(x), generator=g).split(cfg.batch_size):
+                opt.zero_grad(set_to_none=True)
+                logits = self.net(x[idx])
+                loss = F.cross_entropy(logits, y[idx])
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+                right += int((logits.argmax(-1) == y[idx]).sum())
+            self.history.append(total / len(x))
+            if right == len(x) and self.history[-1] < cfg.stop_loss and self._memorised(x, y):
+                break
+        self.net.eval()
+
+    def _inputs(self, emb: torch.Tensor) -> torch.Tensor:
+        """Unit embeddings (M, C) -> network inputs on the device."""
+        x = emb.to(self.config.device)
+        return x * math.sqrt(x.shape[-1]) if self.config.scale_input else x
+
+    def _logits(self, emb: torch.Tensor, inputs: bool = False) -> torch.Tensor:
+        """(M, C) unit embeddings (or network inputs) -> (M, K), eval mode, chunked, no gradients."""
+        x = emb if inputs else self._inputs(emb)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            with torch.no_grad():
+                return torch.cat([self.net(c) for c in x.split(self.config.chunk_size)])
+        finally:
+            self.net.train(was_training)
+
+    def _memorised(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Every label right and the mean loss below stop_loss, in eval mode (x: network inputs)."""
+        logits = self._logits(x, inputs=True)
+        return bool((logits.argmax(-1) == y).all()) and float(F.cross_entropy(logits, y)) < self.config.stop_loss
+
+    def score(self, query_emb: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        if not len(query_emb):
+            return torch.zeros(0)
+        return -entropy(self._logits(F.normalize(query_emb.detach().float(), dim=-1))).cpu()
+
+    @property
+    def memorised(self) -> bool:
+        """Whether every edit gets its own label back (eval mode)."""
+        return bool((self._logits(self._check_fitted()).argmax(-1).cpu() == self.labels).all())
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        state = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        return {**state, "labels": self.labels}
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.labels = tensors.pop("labels")
+        self.net = self._new_net(self.edit_emb.shape[1])
+        self.net.load_state_dict({k.removeprefix("net."): v for k, v in tensors.items()})
+        self.net.eval()
+
+
+# ---- threshold choice -------------------------------------------------------------------------
+
+
+def choose_cut(
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    objective: str = "harmonic",
+    target_recall: float | None = None,
+    edit: torch.Tensor | None = None,
+) -> tuple[float, float, float, float]:
+    """The score cut (routed iff score > cut) separating positive from negative scores.
+
+    pos: scores of paraphrases (should route), neg: of unrelated prompts (should not), edit
+    (optional): of the fitted edit prompts themselves (should route). The objective combines
+    paraphrase recall, rejection and (if given) edit recall, as the editing Score combines
+    generality, locality and reliability. With target_recall: the strictest cut that still routes
+    that share of the paraphrases. Candidate cuts lie midway between consecutive distinct scores;
+    among equally good ones the middle one is taken. Returns (cut, recall, rejection, edit recall).
+    """
+    if pos.numel() == 0 or neg.numel() == 0:
+        raise ValueError("calibration needs at least one positive and one negative score")
+    groups = [pos.double().flatten(), neg.double().flatten()]
+    if edit is not None and edit.numel():
+        groups.append(edit.double().flatten())
+    values = torch.cat(groups).unique()  # sorted
+    cuts = torch.cat([values[:1] - 1.0, (values[1:] + values[:-1]) / 2, values[-1:] + 1.0])
+
+    def share_above(scores: torch.Tensor) -> torch.Tensor:
+        return 1 - torch.searchsorted(scores.sort().values, cuts, right=True) / scores.numel()
+
+    recall, rejection = share_above(groups[0]), 1 - share_above(groups[1])
+    edit_recall = share_above(groups[2]) if len(groups) == 3 else torch.ones_like(recall)
+    parts = torch.stack([recall, rejection, edit_recall])  # (3, cuts)
+    if target_recall is not None:
+        if not 0 < target_recall <= 1:
+            raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+        value = torch.where(recall >= target_recall - 1e-12, rejection, torch.full_like(recall, -1.0))
+    elif objective == "balanced":
+        value = parts.mean(0)
+    else:
+        value = 3 / (1 / parts.clamp(min=1e-12)).sum(0)
+    best = (value >= value.max() - 1e-12).nonzero().flatten()
+    i = int(best[len(best) // 2])
+    return float(cuts[i]), float(recall[i]), float(rejection[i]), float(edit_recall[i])
+
+
+# ---- calibration on held-out pseudo-edits -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PseudoEdits:
+    """Facts that are *not* being edited, to calibrate the router threshold on (train split).
+
+    prompts[i] is a pseudo-edit prompt and paraphrases[i] one of its paraphrases (the positives);
+    unrelated are prompts of none of them (the negatives; e.g. same-relation prompts about other
+    subjects). filler prompts only pad the fitted set up to the real edit count (their paraphrases
+    are not probed, e.g. because the encoder was trained on them).
+    """
+
+    prompts: tuple[str, ...]
+    paraphrases: tuple[str, ...]
+    unrelated: tuple[str, ...]
+    filler: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) != len(self.paraphrases):
+            raise ConfigError("pseudo-edits: one paraphrase per prompt expected")
+        if not self.prompts or not self.unrelated:
+            raise ConfigError("pseudo-edits: need at least one prompt with a paraphrase and one unrelated prompt")
+
+    def texts(self) -> set[str]:
+        return set(self.prompts) | set(self.paraphrases) | set(self.unrelated) | set(self.filler)
+
+
+@dataclass
+class Calibration:
+    """What calibrate_router chose and how it did on the pseudo-edits."""
+
+    threshold: float
+    n_edits: int  # pseudo-edits fitted (= the real edit count)
+    n_probed: int  # of them, how many had their paraphrase probed
+    n_unrelated: int
+    recall: float  # pseudo-edit paraphrases routed
+    rejection: float  # unrelated prompts not routed
+    edit_recall: float  # pseudo-edit prompts themselves routed
+    confusion: dict = field(default_factory=dict)
+
+
+def calibrate_router(
+    config: RouterConfig,
+    encode: Callable[[list[str]], torch.Tensor],
+    pseudo: PseudoEdits,
+    n_edits: int,
+    exclude: Sequence[str] = (),
+    target_recall: float | None = None,
+) -> Calibration:
+    """Choose the threshold of a router of this config for an edit set of n_edits facts.
+
+    A fresh router is fitted on n_edits pseudo-edit prompts (probed ones first, then filler), and
+    its threshold is chosen to separate the probed pseudo-edits' paraphrases from the unrelated
+    prompts. ``exclude`` (the real edit prompts) guards against a pseudo-edit set that overlaps the
+    edit set. Evaluation paraphrases and locality prompts have no way in.
+    """
+    overlap = pseudo.texts() & set(exclude)
+    if overlap:
+        raise ConfigError(f"pseudo-edits overlap the edit set ({len(overlap)} texts, e.g. {sorted(overlap)[0]!r})")
+    n_probe = min(n_edits, len(pseudo.prompts))
+    fitted = list(pseudo.prompts[:n_probe]) + list(pseudo.filler[: n_edits - n_probe])
+    if len(fitted) < n_edits:
+        raise ConfigError(f"pseudo-edits: {len(fitted)} prompts, but the router must be calibrated at {n_edits}")
+    fitted_set = set(fitted)
+    unrelated = [u for u in dict.fromkeys(pseudo.unrelated) if u not in fitted_set]
+    router = make_router(replace(config, threshold=None))
+    router.fit(encode(fitted))
+    para = encode(list(pseudo.paraphrases[:n_probe]))
+    unrel = encode(unrelated)
+    probed = encode(fitted[:n_probe])
+    chosen = router.calibrate(para, unrel, target_recall, edit_emb=probed)
+    confusion = router.confusion(probed, para, unrel, torch.arange(n_probe))
+    return Calibration(chosen["threshold"], n_edits, n_probe, len(unrelated), chosen["recall"], chosen["rejection"],
+                       chosen["edit_recall"], confusion)
+
+
+def build_router(
+    config: RouterConfig,
+    encode: Callable[[list[str]], torch.Tensor],
+    edit_prompts: Sequence[str],
+    pseudo: PseudoEdits | None = None,
+) -> tuple[Router, Calibration | None]:
+    """Fit a router on the edit prompts; threshold from ``calibrate_router`` unless config sets one."""
+    calibration = None
+    if config.threshold is None:
+        if pseudo is None:
+            raise ConfigError("router: no threshold set and no pseudo-edits to calibrate it on")
+        calibration = calibrate_router(config, encode, pseudo, len(edit_prompts), exclude=edit_prompts)
+        config = replace(config, threshold=calibration.threshold)
+    router = make_router(replace(config)).fit(encode(list(edit_prompts)))
+    return router, calibration
