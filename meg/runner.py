@@ -81,7 +81,7 @@ def run_stage(stage: str, params_path: str | Path = "params.yaml", root: str | P
 
     layout = Layout(Path(root))
     view = config.stage_view(config.load_params(params_path), stage)
-    t0 = time.time()
+    clock = _Clock()
     if not tracking.enabled():
         if stage == "promote":
             raise ConfigError("promote needs the MLflow model registry, but tracking is off (MEG_TRACKING=off)")
@@ -92,9 +92,29 @@ def run_stage(stage: str, params_path: str | Path = "params.yaml", root: str | P
         tags = {"meg.shard": f"{shard[0]}/{shard[1]}"} if shard else None
         with tracking.stage_run(stage, config.flat(view), tags=tags):
             result = _call(stage, view, layout, progress, shard, out, registry)
+            result.metrics.update(clock.read())
             tracking.log_result(result)
-    print(f"{stage}: {result.summary} [{time.time() - t0:.0f} s]", flush=True)
+    times = clock.read()
+    print(f"{stage}: {result.summary} [{times['wall_seconds']:.0f} s, {times['cpu_seconds']:.0f} CPU s]", flush=True)
     return result
+
+
+class _Clock:
+    """Wall and CPU time (user + system, all threads) of this process since creation: on a shared
+    machine the CPU time says what a stage costs when the wall time mostly says how busy the machine was."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.time(), self._cpu()
+
+    @staticmethod
+    def _cpu() -> float:
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def read(self) -> dict[str, float]:
+        return {"wall_seconds": time.time() - self.wall, "cpu_seconds": self._cpu() - self.cpu}
 
 
 def component_stage(stage: str, params_text: str, tracking_uri: str, job_id: str, call,
@@ -214,6 +234,11 @@ def summary(root: Path, seconds: float | None = None) -> str:
                      f"{'promoted' if d['promoted'] else 'not promoted'}: {'; '.join(d['reasons'])}")
     db = root / "mlflow.db"
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{db}"
+    try:
+        promote_cfg = config.section_config(config.load_params(root / "params.yaml"), "promote")
+        model = f"models:/{promote_cfg.model_name}@{promote_cfg.alias}"
+    except MegError:
+        model = "models:/meg-editor@champion"
     lines += [
         f"metrics:   {metrics_path}  (dvc metrics show)",
         f"table:     {layout.out('evaluate') / 'table.txt'}",
@@ -221,8 +246,7 @@ def summary(root: Path, seconds: float | None = None) -> str:
         f"{layout.out('evaluate') / 'comparison.png'}, {layout.out('generator') / 'curve.png'}",
         f"bundle:    {layout.bundle}",
         f"MLflow UI: mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000",
-        f"serve:     MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/meg-editor@champion "
-        "--env-manager local -p 5001",
+        f"serve:     MLFLOW_TRACKING_URI={uri} mlflow models serve -m {model} --env-manager local -p 5001",
         "=" * 78,
     ]
     return "\n".join(lines)
