@@ -1,1 +1,0 @@
-"""Other editors behind the same `meg.evaluate.Editor` interface, for side-by-side comparison."""
