@@ -32,8 +32,10 @@ def configure(root: str | Path, experiment: str = EXPERIMENT) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
-        artifacts = os.environ.get("MEG_MLFLOW_ARTIFACTS") or (
-            None if os.environ.get("MLFLOW_TRACKING_URI") else (root / "mlartifacts").as_uri())
+        artifacts = os.environ.get("MEG_MLFLOW_ARTIFACTS")
+        if not artifacts and uri.startswith("sqlite:///"):
+            # beside the database, never relative to whatever directory the process runs in
+            artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
         mlflow.create_experiment(experiment, artifact_location=artifacts)
     mlflow.set_experiment(experiment)
     _configured["experiment"] = experiment

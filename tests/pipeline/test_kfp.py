@@ -100,5 +100,6 @@ def test_pipeline_runs_end_to_end_with_the_local_runner(tmp_path, tiny_model_dir
     stages = sorted(r.data.tags["meg.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id)
     assert stages == sorted(["prepare", "fit", "fit", "fit", "encoder", "router", "generator", "attach", "evaluate",
                              "promote"])
+    assert any((tmp_path / "mlartifacts").rglob("calibration.json"))  # artifacts beside the database
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("meg-editor", "champion").version) == "1"
