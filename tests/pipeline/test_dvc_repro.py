@@ -130,3 +130,29 @@ def test_metrics_and_plots_show(repo):
     html = (root / "plots-out" / "index.html").read_text()
     assert "Generator training" in html and "Score by method" in html
     assert 'id="artifacts_evaluate_comparison_png"' in html and 'id="artifacts_generator_curve_png"' in html
+
+
+def test_new_facts_rerun_the_pipeline_incrementally(repo):
+    """`meg facts add` then `meg repro`: only the new edits are fitted, the encoder is not retrained,
+    the generator warm-starts, the router is recalibrated, and the champion is re-evaluated on the
+    new edit set before the candidate may replace it."""
+    root, env, _ = repo
+    facts = root / "week.jsonl"
+    facts.write_text(json.dumps({"prompt": "The chief engineer of Ganymede Station is", "target_new": "Ada Okafor",
+                                 "paraphrases": ["Ganymede Station's chief engineer is"],
+                                 "locality_prompt": "The capital of Norway is"}) + "\n"
+                     + json.dumps({"prompt": "The mascot of the Zorbl team is", "target_new": "a heron"}) + "\n")
+    out = _run(["-m", "meg.cli", "facts", "add", str(facts)], root, env)
+    assert "2 new, 0 overriding, 0 duplicates" in out and "data.dvc updated" in out
+    out = _run(["-m", "meg.cli", "repro"], root, env)
+    assert _ran(out) == ["prepare", "fit", "router", "generator", "attach", "evaluate", "promote"]
+    fit = json.loads((root / "artifacts" / "fit" / "metrics.json").read_text())
+    assert fit["n_fitted"] == 2 and fit["n_edits"] == 10
+    gen = json.loads((root / "artifacts" / "generator" / "report.json").read_text())
+    assert gen["warm_start"] is True
+    calib = json.loads((root / "artifacts" / "router" / "calibration.json").read_text())
+    assert calib["n_edits"] == 10
+    decision = json.loads((root / "artifacts" / "promote" / "decision.json").read_text())
+    assert decision["candidate_version"] == "2" and decision["champion_version"] == "1"
+    assert decision["champion_source"] == "re-evaluated"
+    assert _ran(_run(["-m", "dvc", "repro"], root, env)) == []
