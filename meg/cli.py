@@ -171,7 +171,14 @@ def _params_defaults(args: argparse.Namespace) -> int:
 
     from meg import config
 
-    print(yaml.safe_dump(config.default_params(), sort_keys=False), end="")
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper, value):  # "\n" rather than a quoted line break
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"' if "\n" in value else None)
+
+    Dumper.add_representer(str, text)
+    print(yaml.dump(config.default_params(), Dumper=Dumper, sort_keys=False), end="")
     return 0
 
 

@@ -126,3 +126,17 @@ def test_meg_config_maps_generator_extras():
     cfg = config.meg_config(view)
     assert cfg.weights == "lookup" and cfg.generator_variants is False and cfg.sample_seed == 7
     assert not {"weights", "variants", "warm_start", "warm_max_steps"} & set(cfg.generator)
+
+
+def test_params_defaults_command_prints_a_valid_full_size_file(capsys, tmp_path):
+    from meg import cli
+
+    assert cli.main(["params", "defaults"]) == 0
+    path = tmp_path / "params.yaml"
+    path.write_text(capsys.readouterr().out)
+    assert config.load_params(path) == config.default_params()
+    assert cli.main(["params", "check", str(path)]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(path.read_text().replace("n_edits: 1000", "n_edits: many"))
+    assert cli.main(["params", "check", str(bad)]) == 2
+    assert "prepare: bad value for 'n_edits': 'many'" in capsys.readouterr().err
