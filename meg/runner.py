@@ -86,6 +86,7 @@ def run_stage(stage: str, params_path: str | Path = "params.yaml", root: str | P
         if stage == "promote":
             raise ConfigError("promote needs the MLflow model registry, but tracking is off (MEG_TRACKING=off)")
         result = _call(stage, view, layout, progress, shard, out)
+        result.metrics.update(clock.read())
     else:
         tracking.configure(layout.root)
         registry = tracking.Registry(config.section_config(view, "promote").model_name) if stage == "promote" else None
@@ -94,8 +95,8 @@ def run_stage(stage: str, params_path: str | Path = "params.yaml", root: str | P
             result = _call(stage, view, layout, progress, shard, out, registry)
             result.metrics.update(clock.read())
             tracking.log_result(result)
-    times = clock.read()
-    print(f"{stage}: {result.summary} [{times['wall_seconds']:.0f} s, {times['cpu_seconds']:.0f} CPU s]", flush=True)
+    m = result.metrics
+    print(f"{stage}: {result.summary} [{m['wall_seconds']:.0f} s, {m['cpu_seconds']:.0f} CPU s]", flush=True)
     return result
 
 
