@@ -64,7 +64,7 @@ def _new_facts(root: Path, n_base: int, n_new: int) -> Path:
     return path
 
 
-def _add(root: Path, src: Path) -> None:
+def _add(root: Path, src: Path) -> dict:
     from meg.stages.prepare import edit_set
 
     cfg = config.section_config(config.load_params(root / "params.yaml"), "prepare")
@@ -72,6 +72,7 @@ def _add(root: Path, src: Path) -> None:
     report = FactStore(root / cfg.data_dir / cfg.facts_dir).add(src, current)
     print(f"added {report.n_new} new facts ({report.n_override} overriding, {report.n_duplicate} duplicates)",
           flush=True)
+    return {"new": report.n_new, "overriding": report.n_override, "duplicates": report.n_duplicate}
 
 
 def _stage(root: Path, stage: str, times: dict, cpu: dict | None = None) -> None:
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage in BUILD:
         _stage(inc, stage, setup)
     pool_before = _digest(inc / "artifacts" / "prepare" / "pseudo.jsonl")
-    _add(inc, _new_facts(inc, args.n_base, args.n_new))
+    added = _add(inc, _new_facts(inc, args.n_base, args.n_new))
     inc_times: dict[str, float] = {}
     inc_cpu: dict[str, float] = {}
     _stage(inc, "prepare", inc_times, inc_cpu)
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     no_enc_full = total_full - full_times["encoder"]
     no_enc_inc = total_inc - inc_times.get("encoder", 0.0)
     result = {
-        "n_base": args.n_base, "n_new": args.n_new, "model": params["base"]["model"],
+        "n_base": args.n_base, "n_new": args.n_new, "added": added, "model": params["base"]["model"],
         "threads": torch.get_num_threads(),
         "full_seconds": full_times, "incremental_seconds": inc_times, "base_build_seconds": setup,
         "full_cpu_seconds": full_cpu, "incremental_cpu_seconds": inc_cpu,
