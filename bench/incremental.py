@@ -35,7 +35,6 @@ import torch
 
 from meg import config, runner
 from meg.data import restore_raw_data
-from meg.facts import load_benchmark
 from meg.factstore import FactStore
 
 BUILD = ("prepare", "fit", "encoder", "router", "generator", "attach")
@@ -53,9 +52,14 @@ def _workspace(root: Path, params: dict, n_edits: int) -> Path:
 
 
 def _new_facts(root: Path, n_base: int, n_new: int) -> Path:
-    """CounterFact edit records n_base .. n_base+n_new as a user's fact file (with probes for evaluation)."""
+    """The n_new CounterFact facts after the first n_base (as the prepare stage reads the file, duplicates
+    resolved) written as a user's fact file, with their probes for the evaluation."""
+    from meg.stages.prepare import edit_set
+
+    cfg = config.section_config(config.load_params(root / "params.yaml"), "prepare")
+    following, _ = edit_set(config.PrepareConfig(**{**cfg.__dict__, "n_edits": n_base + n_new}), root)
     rows = []
-    for e in load_benchmark("counterfact", "edit")[n_base : n_base + n_new]:
+    for e in following[n_base : n_base + n_new]:
         rows.append({"prompt": e.prompt, "target_new": e.target_new, "target_old": e.target_old,
                      "subject": e.subject, "paraphrases": list(e.paraphrases),
                      "locality": [{"prompt": p.prompt, "answer": p.answer} for p in e.locality]})
