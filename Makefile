@@ -1,7 +1,9 @@
 # The two commands of the README, and a few helpers. Each target creates .venv when missing.
 PY := .venv/bin/python
+# The image every Kubeflow component names (components/__init__.py: IMAGE)
+IMAGE ?= meg:0.1.0
 
-.PHONY: venv demo test test-fast data
+.PHONY: venv demo test test-fast data image image-cuda
 
 venv:
 	@./scripts/venv.sh
@@ -20,3 +22,10 @@ test-fast: venv
 # Restore the raw fact sets tracked by data.dvc from the copies shipped in the package.
 data: venv
 	$(PY) -m meg.cli data restore
+
+# The container image of the pipeline steps (needs a Docker engine).
+image:
+	docker build -t $(IMAGE) .
+
+image-cuda:
+	docker build --build-arg TORCH_VARIANT=cuda -t $(IMAGE)-cuda .

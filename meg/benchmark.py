@@ -84,12 +84,18 @@ def run_methods(
     batch_size: int = 32,
     on_result: Callable[[str, dict], None] | None = None,
     editor_factory: Callable[[str], evaluate.Editor] = make_editor,
+    labels: evaluate.LocalityLabels | None = None,
 ) -> BenchResult:
-    """Apply each editor to the same edits (one batch) and evaluate it; the base model is restored after each."""
-    base = evaluate.EditedLM(loaded, batch_size=batch_size)
-    t0 = time.time()
-    labels = evaluate.locality_labels(base, edits)
-    print(f"locality labels from the pre-edit model: {time.time() - t0:.1f} s", flush=True)
+    """Apply each editor to the same edits (one batch) and evaluate it; the base model is restored after each.
+
+    ``labels`` are the pre-edit model's locality answers when already known (the pipeline's prepare
+    stage computes them once); otherwise they are computed here.
+    """
+    if labels is None:
+        base = evaluate.EditedLM(loaded, batch_size=batch_size)
+        t0 = time.time()
+        labels = evaluate.locality_labels(base, edits)
+        print(f"locality labels from the pre-edit model: {time.time() - t0:.1f} s", flush=True)
     result = BenchResult(loaded.model_id, loaded.content_hash, dataset, len(edits))
     for name in methods:
         editor = editor_factory(name)

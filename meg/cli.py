@@ -19,6 +19,12 @@ def _add_facts(sub: argparse._SubParsersAction) -> None:
     v.add_argument("file")
     v.add_argument("--format", choices=["auto", "counterfact", "zsre", "jsonl", "csv"], default="auto")
     v.set_defaults(func=_facts_validate)
+    a = fsub.add_parser("add", help="validate new facts and add them to the versioned fact store (data/facts)")
+    a.add_argument("file")
+    a.add_argument("--format", choices=["auto", "counterfact", "zsre", "jsonl", "csv"], default="auto")
+    a.add_argument("--params", default="params.yaml", help="settings naming the data directory and the edit set")
+    a.add_argument("--no-dvc", action="store_true", help="do not update data.dvc (`dvc add data`)")
+    a.set_defaults(func=_facts_add)
 
 
 def _facts_validate(args: argparse.Namespace) -> int:
@@ -32,6 +38,201 @@ def _facts_validate(args: argparse.Namespace) -> int:
             print(p)
         return 2
     print(f"{args.file}: {report.n_records} records, {report.n_edits} edits after de-duplication: OK")
+    return 0
+
+
+def _facts_add(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    from meg import config
+    from meg.factstore import FactStore
+    from meg.stages.prepare import edit_set
+
+    from meg.errors import FactsError
+
+    cfg = config.section_config(config.load_params(args.params), "prepare")
+    current, _ = edit_set(cfg)
+    store = FactStore(Path(cfg.data_dir) / cfg.facts_dir)
+    try:
+        report = store.add(args.file, current, fmt=args.format)
+    except FactsError as e:  # one line per problem, as `meg facts validate` prints them
+        for problem in e.problems:
+            print(problem)
+        print(f"meg: {args.file}: rejected, the fact store is unchanged", file=sys.stderr)
+        return 2
+    for note in report.notes:
+        print(note, file=sys.stderr)
+    print(f"{args.file}: {report.n_read} facts: {report.n_new} new, {report.n_override} overriding, "
+          f"{report.n_duplicate} duplicates")
+    if report.written is None:
+        print("nothing new: the fact store is unchanged")
+        return 0
+    print(f"added {report.written}")
+    if not args.no_dvc and Path("data.dvc").is_file():
+        done = subprocess.run([sys.executable, "-m", "dvc", "add", "-q", cfg.data_dir])
+        if done.returncode != 0:
+            print(f"meg: error: `dvc add {cfg.data_dir}` failed; the facts are stored, run it again by hand",
+                  file=sys.stderr)
+            return 1
+        print("data.dvc updated: commit it (git add data.dvc) and `dvc push`; then `dvc repro` fits only the new facts")
+    return 0
+
+
+def _add_stages(sub: argparse._SubParsersAction) -> None:
+    from meg.config import STAGES
+
+    helps = {
+        "prepare": "edit set, pseudo-edits and the base model's locality answers",
+        "fit": "per-edit neuron weights (cached per edit; --shard i/n for one shard)",
+        "encoder": "query encoder fine-tuned on pseudo-edits",
+        "router": "router fitted on the edits, threshold calibrated on pseudo-edits",
+        "generator": "diffusion weight generator (warm-started when facts were added)",
+        "attach": "the edit bundle (neuron attachment)",
+        "evaluate": "the bundle and the baselines on every edit",
+        "promote": "register the bundle; move the champion alias if it passes the gates and wins",
+    }
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"pipeline stage: {helps[stage]}")
+        p.add_argument("--params", default="params.yaml")
+        p.add_argument("--root", default=".", help="repository root holding artifacts/ and cache/")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        if stage == "fit":
+            p.add_argument("--shard", default=None, help="i/n: fit only shard i of n")
+            p.add_argument("--out", default=None, help="output directory (default artifacts/fit)")
+        p.set_defaults(func=_stage, stage=stage)
+    m = sub.add_parser("fit-merge", help="merge fit shards (written with meg fit --shard i/n --out DIR)")
+    m.add_argument("shards", nargs="+")
+    m.add_argument("--params", default="params.yaml")
+    m.add_argument("--root", default=".")
+    m.add_argument("--out", default=None)
+    m.set_defaults(func=_fit_merge)
+
+
+def _stage(args: argparse.Namespace) -> int:
+    from meg import runner
+    from meg.stages.fit import parse_shard
+
+    shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
+    runner.run_stage(args.stage, args.params, args.root, progress=not args.quiet, shard=shard,
+                     out=getattr(args, "out", None))
+    return 0
+
+
+def _fit_merge(args: argparse.Namespace) -> int:
+    from meg import runner
+
+    runner.merge_fit(args.shards, args.params, args.root, args.out)
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the main job: run the whole pipeline (dvc repro) and say where the results are")
+    p.add_argument("--root", default=".")
+    p.set_defaults(func=_demo)
+    r = sub.add_parser("repro", help="dvc repro with the stage runs nested under one MLflow pipeline run")
+    r.add_argument("--root", default=".")
+    r.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc repro")
+    r.set_defaults(func=_repro)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from meg import runner
+
+    return runner.demo(args.root)
+
+
+def _repro(args: argparse.Namespace) -> int:
+    from meg import runner
+
+    return runner.repro(args.root, args.dvc_args)
+
+
+def _add_params(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("params", help="the pipeline settings (params.yaml)")
+    psub = p.add_subparsers(dest="params_cmd", required=True)
+    c = psub.add_parser("check", help="validate a params file")
+    c.add_argument("file", nargs="?", default="params.yaml")
+    c.set_defaults(func=_params_check)
+    d = psub.add_parser("defaults", help="print params.yaml with every key at the library default (full size)")
+    d.set_defaults(func=_params_defaults)
+
+
+def _params_check(args: argparse.Namespace) -> int:
+    from meg import config
+
+    config.load_params(args.file)
+    print(f"{args.file}: OK")
+    return 0
+
+
+def _params_defaults(args: argparse.Namespace) -> int:
+    import yaml
+
+    from meg import config
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper, value):  # "\n" rather than a quoted line break
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"' if "\n" in value else None)
+
+    Dumper.add_representer(str, text)
+    print(yaml.dump(config.default_params(), Dumper=Dumper, sort_keys=False), end="")
+    return 0
+
+
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally, schedule")
+    psub = p.add_subparsers(dest="pipeline_cmd", required=True)
+    c = psub.add_parser("compile", help="compile the pipeline to a Kubeflow pipeline spec (YAML)")
+    c.add_argument("--out", default="meg-pipeline.yaml")
+    c.add_argument("--shards", type=int, default=4, help="parallel fit shards (ParallelFor)")
+    c.set_defaults(func=_pipeline_compile)
+    r = psub.add_parser("run-local", help="run the pipeline with kfp's local subprocess runner")
+    r.add_argument("--params", default="params.yaml")
+    r.add_argument("--workdir", default="kfp-local", help="pipeline root (artifacts of every task)")
+    r.add_argument("--shards", type=int, default=2)
+    r.add_argument("--data-dir", default="data")
+    r.add_argument("--cache-dir", default="cache", help="per-edit fit cache and warm-start state ('' for none)")
+    r.set_defaults(func=_pipeline_run_local)
+    s = psub.add_parser("schedule", help="create a recurring run on a Kubeflow Pipelines endpoint")
+    s.add_argument("--host", required=True, help="the KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
+    s.add_argument("--cron", required=True, help="cron expression, 5 fields (min hour dom mon dow) or 6 with seconds")
+    s.add_argument("--experiment", required=True, help="KFP experiment name (created when missing)")
+    s.add_argument("--name", default="meg-retrain", help="name of the recurring run")
+    s.add_argument("--params", default="params.yaml")
+    s.add_argument("--shards", type=int, default=4)
+    s.add_argument("--tracking-uri", default="", help="MLflow tracking server the steps log to")
+    s.add_argument("--data-dir", default="", help="raw facts as mounted in the steps ('' = the packaged copies)")
+    s.add_argument("--cache-dir", default="", help="persistent volume path for the fit cache and warm start")
+    s.set_defaults(func=_pipeline_schedule)
+
+
+def _pipeline_compile(args: argparse.Namespace) -> int:
+    from pipeline import compile as kcompile
+
+    out = kcompile.compile_pipeline(args.out, shards=args.shards)
+    print(f"compiled {out}")
+    return 0
+
+
+def _pipeline_run_local(args: argparse.Namespace) -> int:
+    from pipeline import local
+
+    result = local.run_local(args.params, args.workdir, shards=args.shards, data_dir=args.data_dir,
+                             cache_dir=args.cache_dir)
+    print(result)
+    return 0
+
+
+def _pipeline_schedule(args: argparse.Namespace) -> int:
+    from pipeline import schedule
+
+    info = schedule.create_recurring_run(
+        host=args.host, cron=args.cron, experiment=args.experiment, name=args.name, params_path=args.params,
+        shards=args.shards, tracking_uri=args.tracking_uri, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    print(info)
     return 0
 
 
@@ -91,7 +292,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for add in (_add_facts, _add_data, _add_sweep):
+    for add in (_add_facts, _add_data, _add_sweep, _add_stages, _add_demo, _add_params, _add_pipeline):
         add(sub)
     from meg.cli_model import add_model_commands
 

@@ -1,7 +1,15 @@
 """The only module that talks to MLflow.
 
 Default store: a local SQLite database ``<root>/mlflow.db`` with artifacts under
-``<root>/mlartifacts``; ``MLFLOW_TRACKING_URI`` (a tracking server) overrides it.
+``<root>/mlartifacts``; ``MLFLOW_TRACKING_URI`` (a tracking server) overrides it, and
+``MEG_MLFLOW_ARTIFACTS`` (e.g. ``s3://bucket/mlflow``; MLflow reads ``MLFLOW_S3_ENDPOINT_URL`` and the
+usual AWS variables) is where a new experiment keeps its artifacts. ``MEG_TRACKING=off`` turns
+tracking off for the pipeline stages.
+
+Pipeline runs: one MLflow run per stage, nested under the pipeline's run, whose id the stage
+processes find in ``MEG_PARENT_RUN_ID`` (``meg demo`` and the Kubeflow pipeline set it). The edit
+bundle is logged as a pyfunc model (``EditedModelPyfunc``: prompts in, the edited model's answers
+out) carrying the bundle directory as its artifact ``bundle``, and registered by ``Registry``.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 EXPERIMENT = "meg"
+_configured: dict[str, str] = {"experiment": EXPERIMENT}
 
 
 def configure(root: str | Path, experiment: str = EXPERIMENT) -> str:
@@ -24,9 +33,13 @@ def configure(root: str | Path, experiment: str = EXPERIMENT) -> str:
     uri = server or f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
-        artifacts = None if server else (root / "mlartifacts").as_uri()
+        artifacts = os.environ.get("MEG_MLFLOW_ARTIFACTS")
+        if not artifacts and uri.startswith("sqlite:///"):
+            # beside the database, never relative to whatever directory the process runs in
+            artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
         mlflow.create_experiment(experiment, artifact_location=artifacts)
     mlflow.set_experiment(experiment)
+    _configured["experiment"] = experiment
     return uri
 
 
@@ -39,6 +52,255 @@ def run(name: str, params: dict | None = None, nested: bool = False, tags: dict 
         if params:
             log_params(params)
         yield active.info.run_id
+
+
+PARENT_ENV = "MEG_PARENT_RUN_ID"
+MODEL_ARTIFACT = "bundle"  # the pyfunc model's artifact holding the bundle directory (shared with serving)
+
+
+def enabled() -> bool:
+    """Whether the pipeline stages log to MLflow (``MEG_TRACKING=off`` turns it off)."""
+    return os.environ.get("MEG_TRACKING", "on").lower() not in ("off", "0", "false", "no")
+
+
+# -------------------------------------------------------------------------------- pipeline runs
+
+
+def start_pipeline_run(name: str = "pipeline", tags: dict | None = None) -> str:
+    """Create the parent run of one pipeline execution (left open for the stage processes); its id."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    experiment = mlflow.get_experiment_by_name(_configured["experiment"])
+    run = MlflowClient().create_run(experiment.experiment_id, run_name=name, tags={"meg.kind": "pipeline", **(tags or {})})
+    return run.info.run_id
+
+
+def end_pipeline_run(run_id: str, ok: bool) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+def find_pipeline_run(tag: str, value: str) -> str | None:
+    """The id of the newest pipeline run of the configured experiment whose ``tag`` is ``value``."""
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=[_configured["experiment"]],
+                              filter_string=f"tags.`meg.kind` = 'pipeline' and tags.`{tag}` = '{value}'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    return runs[0].info.run_id if runs else None
+
+
+@contextmanager
+def stage_run(stage: str, params: dict, parent_run_id: str | None = None, tags: dict | None = None) -> Iterator[str]:
+    """One stage's run, nested under the pipeline run (``parent_run_id`` or ``$MEG_PARENT_RUN_ID``)."""
+    import mlflow
+
+    parent = parent_run_id or os.environ.get(PARENT_ENV) or None
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags={"meg.stage": stage, **(tags or {})}) as active:
+        if params:
+            log_params(params)
+        yield active.info.run_id
+
+
+def log_result(result) -> None:
+    """Log a ``meg.stages.StageResult`` into the active run: metrics, tags, artifacts, the bundle model."""
+    import mlflow
+
+    log_metrics(result.metrics)
+    if result.tags:
+        mlflow.set_tags(result.tags)
+    for path in result.artifacts:
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=path.name)
+        elif path.is_file():
+            mlflow.log_artifact(str(path), artifact_path=result.stage)
+    if result.bundle is not None:
+        log_bundle_model(result.bundle)
+
+
+# -------------------------------------------------------------------------------- the pyfunc model
+
+
+def bundle_sha256(bundle_dir: str | Path) -> str:
+    """Identity of a bundle: the sha256 of its manifest (which lists the sha256 of every file)."""
+    import hashlib
+
+    return hashlib.sha256((Path(bundle_dir) / "manifest.json").read_bytes()).hexdigest()
+
+
+def _make_pyfunc_class():
+    import mlflow.pyfunc
+
+    class EditedModelPyfunc(mlflow.pyfunc.PythonModel):
+        """Prompts (or questions) in, the edited model's answers out.
+
+        Input: a DataFrame with a ``prompt`` column (a list of strings works too). Output: a
+        DataFrame with ``answer`` (the greedy continuation up to its first line break) and ``routed``
+        (whether the router sent the prompt to an edit). The base model named in the bundle's
+        manifest is loaded through ``meg.lm.load_model``; a base model whose weights differ from the
+        ones the bundle was built on is refused.
+        """
+
+        def load_context(self, context) -> None:
+            from meg.editor import EditedModel
+
+            self.model = EditedModel.load(context.artifacts[MODEL_ARTIFACT])
+
+        def predict(self, context, model_input, params=None):
+            import pandas as pd
+
+            prompts = _prompts_of(model_input)
+            texts = self.model.generate(prompts)
+            routed = [r["routed"] for r in self.model.explain(prompts)] if prompts else []
+            return pd.DataFrame({"answer": [t.split("\n", 1)[0].strip() for t in texts], "routed": routed})
+
+    EditedModelPyfunc.__module__ = __name__
+    EditedModelPyfunc.__qualname__ = "EditedModelPyfunc"
+    return EditedModelPyfunc
+
+
+def __getattr__(name: str):
+    # The pyfunc class subclasses an MLflow class; it is built on first use so that importing this
+    # module does not import MLflow, and it is reachable as meg.tracking.EditedModelPyfunc so that a
+    # saved model refers to it by name.
+    if name == "EditedModelPyfunc":
+        cls = _make_pyfunc_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _prompts_of(model_input) -> list[str]:
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        column = next((c for c in ("prompt", "question") if c in model_input.columns), model_input.columns[0])
+        values = model_input[column].tolist()
+    elif isinstance(model_input, dict):
+        values = model_input.get("prompt", model_input.get("question", []))
+    elif isinstance(model_input, str):
+        values = [model_input]
+    else:
+        values = list(model_input)
+    prompts = [str(v).strip() for v in values]
+    if any(not p for p in prompts):
+        raise ValueError("every prompt must be a non-empty string")
+    return prompts
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]),
+                          outputs=Schema([ColSpec("string", "answer"), ColSpec("boolean", "routed")]))
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for dist in ("meg", "torch", "transformers", "safetensors", "diffusers", "mlflow", "pandas"):
+        try:
+            out.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def log_bundle_model(bundle_dir: str | Path, name: str = "meg-bundle") -> str:
+    """Log a bundle as a pyfunc model in the active run; returns the logged model's URI."""
+    import mlflow.pyfunc
+
+    info = mlflow.pyfunc.log_model(
+        name=name, python_model=__getattr__("EditedModelPyfunc")(), artifacts={MODEL_ARTIFACT: str(bundle_dir)},
+        signature=_signature(), pip_requirements=_requirements(),
+        tags={"meg.bundle_sha256": bundle_sha256(bundle_dir)},
+    )
+    return info.model_uri
+
+
+def _find_logged_model(sha: str) -> str | None:
+    import mlflow
+
+    try:
+        found = mlflow.search_logged_models(filter_string=f"tags.`meg.bundle_sha256` = '{sha}'",
+                                            output_format="list", max_results=1)
+    except Exception:  # older stores without logged-model search: log the model again
+        return None
+    return f"models:/{found[0].model_id}" if found else None
+
+
+# -------------------------------------------------------------------------------- the registry
+
+
+class Registry:
+    """The registered model of the edit bundles and its aliases."""
+
+    def __init__(self, name: str):
+        from mlflow.tracking import MlflowClient
+
+        self.name = name
+        self.client = MlflowClient()
+
+    def find(self, sha: str) -> str | None:
+        """The version already registered for a bundle (by its sha256), if any."""
+        try:
+            found = self.client.search_model_versions(f"name = '{self.name}' and tags.`meg.bundle_sha256` = '{sha}'")
+        except Exception:
+            found = [v for v in self.client.search_model_versions(f"name = '{self.name}'")
+                     if v.tags.get("meg.bundle_sha256") == sha]
+        return str(min(int(v.version) for v in found)) if found else None
+
+    def register(self, bundle_dir: str | Path, tags: dict[str, str]) -> tuple[str, bool]:
+        """(version, new): the bundle's version, registering it (logging it first if needed) when new.
+
+        The same bundle is registered once, however often promotion runs.
+        """
+        import mlflow
+
+        sha = bundle_sha256(bundle_dir)
+        existing = self.find(sha)
+        if existing is not None:
+            self.set_tags(existing, tags)
+            return existing, False
+        uri = _find_logged_model(sha) or log_bundle_model(bundle_dir)
+        mv = mlflow.register_model(uri, self.name, tags={"meg.bundle_sha256": sha, **tags})
+        return str(mv.version), True
+
+    def champion(self, alias: str) -> dict | None:
+        """{"version", "tags"} of the version holding ``alias``, or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version_by_alias(self.name, alias)
+        except MlflowException:
+            return None
+        return {"version": str(mv.version), "tags": dict(mv.tags)}
+
+    def holders(self, alias: str) -> list[str]:
+        """Every version listing ``alias`` (exactly one after a promotion)."""
+        return sorted((str(v.version) for v in self.client.search_model_versions(f"name = '{self.name}'")
+                       if alias in (self.client.get_model_version(self.name, v.version).aliases or [])), key=int)
+
+    def set_alias(self, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(self.name, alias, version)
+
+    def set_tags(self, version: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_model_version_tag(self.name, version, k, str(v))
+
+    def download_bundle(self, version: str, dst: str | Path) -> Path:
+        """The bundle directory of a registered version, downloaded under ``dst``."""
+        from mlflow.artifacts import download_artifacts
+
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        local = Path(download_artifacts(artifact_uri=f"models:/{self.name}/{version}/artifacts/{MODEL_ARTIFACT}",
+                                        dst_path=str(dst)))
+        return local
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

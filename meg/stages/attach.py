@@ -1,0 +1,60 @@
+"""Stage ``attach``: assemble the edit bundle from the stages' outputs (``meg.editor.EditedModel``).
+
+The bundle is the directory ``EditedModel.save`` writes: encoder, router, generator, w0 and a
+manifest with the base model id and content hash, the layer, every setting and a sha256 of every
+file; ``EditedModel.load`` refuses it against other base-model weights. The caller logs it as an
+MLflow pyfunc model. Output: ``bundle/`` and ``report.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from meg import config
+from meg.stages import fit as fit_stage
+from meg.stages.common import StageResult, load_base, read_edits, read_json, write_json, write_metrics
+
+
+def run(view: dict, prepare_dir: Path, fit_dir: Path, encoder_dir: Path, router_dir: Path, generator_dir: Path,
+        out_dir: Path) -> StageResult:
+    from meg.editor import EditedModel
+    from meg.encoder import QueryEncoder
+    from meg.generator import WeightGenerator
+    from meg.router import load_router
+
+    t0 = time.time()
+    cfg = config.meg_config(view)
+    edits = read_edits(Path(prepare_dir) / "edits.jsonl")
+    meta, tensors = fit_stage.weights_for(fit_dir, edits)
+    loaded = load_base(view)
+    encoder = QueryEncoder.load(Path(encoder_dir) / "encoder", device=cfg.device)
+    router = load_router(Path(router_dir) / "router", device=cfg.device) if cfg.router != "off" else None
+    generator = WeightGenerator.load(Path(generator_dir) / "generator", device=cfg.device) \
+        if cfg.weights == "generator" else None
+    calibration = read_json(Path(router_dir) / "calibration.json")
+    info = {
+        "n_edits": len(edits),
+        "fit": meta["report"],
+        "calibration": calibration if calibration.get("threshold") is not None else None,
+        "generator": read_json(Path(generator_dir) / "report.json"),
+        "dataset": read_json(Path(prepare_dir) / "report.json")["dataset"],
+        "edit_ids": [e.id for e in edits],
+    }
+    lookup = tensors["weights"] if cfg.weights == "lookup" else None
+    model = EditedModel(loaded, meta["layer"], cfg.fit.act, encoder, router, generator, tensors["w0"], cfg,
+                        lookup=lookup, info=info)
+    out = Path(out_dir)
+    bundle = model.save(out / "bundle")
+    size_mb = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 2**20
+    manifest = read_json(bundle / "manifest.json")
+    report = {"base_model": manifest["base_model"], "base_model_hash": manifest["base_model_hash"],
+              "layer": manifest["layer"], "n_edits": len(edits), "size_mb": size_mb}
+    write_json(out / "report.json", report)
+    metrics = {"n_edits": float(len(edits)), "size_mb": size_mb, "seconds": time.time() - t0}
+    write_metrics(out, metrics)
+    return StageResult("attach", config.flat(view), metrics,
+                       [out / "report.json", bundle / "manifest.json"], bundle=bundle,
+                       tags={"meg.base_model": manifest["base_model"]},
+                       summary=f"bundle of {len(edits)} edits on {manifest['base_model']} layer {manifest['layer']}: "
+                               f"{size_mb:.1f} MB")
