@@ -71,7 +71,7 @@ def test_unreachable_endpoint_is_a_clear_error(tmp_path):
 
 def test_bad_settings_are_rejected_before_contacting_anything(tmp_path):
     bad = tmp_path / "params.yaml"
-    bad.write_text((ROOT / "params.yaml").read_text().replace("n_edits: 100", "n_edits: -3"))
+    bad.write_text((ROOT / "params.yaml").read_text().replace("n_edits: 64", "n_edits: -3"))
     with pytest.raises(ConfigError, match="prepare: bad value for 'n_edits'"):
         create_recurring_run("http://127.0.0.1:1", "0 3 * * *", "meg", params_path=bad)
     with pytest.raises(ConfigError, match="name"):
