@@ -45,11 +45,18 @@ ZsRE (MEND)
 Normalisation
 -------------
 * Encoding: UTF-8. A UTF-8 byte-order mark is dropped. A file starting with a UTF-16 or UTF-32
-  byte-order mark (as some spreadsheet programs write) is decoded accordingly, with a note. Any
-  other byte that is not UTF-8 is a problem naming its byte offset and line.
-* Text: surrounding whitespace is stripped. Tab, carriage return and newline may appear inside a
-  text; each run of whitespace containing one of them becomes a single space. Every other control
-  character (U+0000 to U+001F, U+007F) is a problem.
+  byte-order mark (as some spreadsheet programs write) is decoded accordingly, with a note. A file
+  whose first two bytes are one NUL and one other byte is UTF-16 or UTF-32 without a byte-order
+  mark: a problem. Any other byte that is not UTF-8 is a problem naming its byte offset and line.
+* Syntax: JSON objects naming one field twice, JSON nested too deeply for the parser, numbers it
+  cannot hold, and CSV with a quote left open or text after a closing quote are problems (nothing is
+  guessed).
+* Text: surrounding whitespace is stripped. Tab, carriage return, newline, NEL (U+0085) and the
+  Unicode line and paragraph separators (U+2028, U+2029) may appear inside a text; each run of
+  whitespace containing one of them becomes a single space. Every other control character (U+0000
+  to U+001F, U+007F to U+009F) is a problem, and so is an unpaired surrogate (a ``\ud800``-style
+  JSON escape that encodes no character). A text longer than ``MAX_TEXT_CHARS`` (2,000) characters
+  is a problem: facts are short prompts, and a runaway cell would be fitted as one.
 * Empty optional fields count as absent; an empty or whitespace-only ``prompt`` or ``target_new``
   is a problem, as is a value of the wrong type (a number as ``target_new``, a paraphrase list
   holding a number, ...).
@@ -95,8 +102,9 @@ BENCHMARKS: dict[tuple[str, str], tuple[str, str]] = {
     ("zsre", "edit"): ("zsre/zsre_mend_eval_portability_gpt4.json", "zsre"),
 }
 
-_BAD_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_LAYOUT = re.compile(r" *[\t\r\n][\t\r\n ]*")
+_BAD_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f\ud800-\udfff]")
+_LAYOUT = re.compile(r" *[\t\r\n\x85\u2028\u2029][\t\r\n\x85\u2028\u2029 ]*")
+MAX_TEXT_CHARS = 2000
 _OTHER_BOMS = (
     (codecs.BOM_UTF32_LE, "utf-32-le"),
     (codecs.BOM_UTF32_BE, "utf-32-be"),
@@ -223,7 +231,23 @@ def _type_name(value: Any) -> str:
         return "true/false"
     if isinstance(value, (int, float)):
         return f"the number {value!r}"
-    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+    for kind, name in ((dict, "an object"), (list, "a list"), (str, "a string")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+class _Object(dict):
+    """A JSON object as parsed, remembering the field names it gave more than once."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]):
+        super().__init__(pairs)
+        names = [k for k, _ in pairs]
+        self.repeated = sorted({k for k in names if names.count(k) > 1}) if len(names) > len(self) else []
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, strict=False, object_pairs_hook=_Object)
 
 
 def _blank(value: Any) -> bool:
@@ -236,6 +260,8 @@ class _Record:
     def __init__(self, obj: dict, file: str, n: int, problems: list[FactProblem], prefix: str = ""):
         self.obj, self.file, self.n, self.problems, self.prefix = obj, file, n, problems, prefix
         self.start = len(problems)
+        for name in getattr(obj, "repeated", ()):
+            self.problem(name, "appears more than once in the object (which one is meant?)")
 
     def problem(self, name: str | None, reason: str) -> None:
         self.problems.append(FactProblem(self.file, self.n, None if name is None else self.prefix + name, reason))
@@ -257,11 +283,15 @@ class _Record:
             return None
         bad = _BAD_CONTROL.search(value)
         if bad:
-            self.problem(name, f"contains control character U+{ord(bad.group()):04X} at position {bad.start()}")
+            what = "an unpaired surrogate" if "\ud800" <= bad.group() <= "\udfff" else "control character"
+            self.problem(name, f"contains {what} U+{ord(bad.group()):04X} at position {bad.start()}")
             return None
         text = _LAYOUT.sub(" ", value).strip()
         if not text and required:
             self.problem(name, "is empty")
+        if len(text) > MAX_TEXT_CHARS:
+            self.problem(name, f"is {len(text)} characters long; the limit is {MAX_TEXT_CHARS}")
+            return None
         return text or None
 
     def text(self, *names: str, required: bool = False) -> str | None:
@@ -395,6 +425,10 @@ def _decode(data: bytes, out: _Parsed) -> str | None:
             skip, codec = len(bom), name
             out.notes.append(f"{out.file}: decoded as {name.upper()} (byte-order mark found); UTF-8 is preferred")
             break
+    if codec == "utf-8" and len(data) >= skip + 2 and (data[skip] == 0) != (data[skip + 1] == 0):
+        out.problem(None, None, "looks like UTF-16 or UTF-32 without a byte-order mark (NUL bytes between the "
+                    "characters); save the file as UTF-8")
+        return None
     try:
         return data[skip:].decode(codec)
     except UnicodeDecodeError as e:
@@ -438,11 +472,21 @@ def _container(path: Path, fmt: str, text: str, out: _Parsed) -> str | None:
     return kind
 
 
+def _json_error(e: Exception) -> str:
+    """What json.loads refused, beyond syntax: too deep a nesting, a number too long to convert."""
+    if isinstance(e, RecursionError):
+        return "invalid JSON: nested too deeply"
+    return f"invalid JSON: {e}"
+
+
 def _json_records(text: str, out: _Parsed) -> list[tuple[int, Any]] | None:
     try:
-        value = json.loads(text, strict=False)
+        value = _loads(text)
     except json.JSONDecodeError as e:
         out.problem(None, None, f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}")
+        return None
+    except (ValueError, RecursionError) as e:
+        out.problem(None, None, _json_error(e))
         return None
     if not isinstance(value, list):
         out.problem(None, None, f"the top level must be a JSON list of records, found {_type_name(value)}")
@@ -461,9 +505,11 @@ def _jsonl_records(text: str, out: _Parsed) -> list[tuple[int, Any]] | None:
             continue
         out.n_records += 1
         try:
-            records.append((n, json.loads(line, strict=False)))
+            records.append((n, _loads(line)))
         except json.JSONDecodeError as e:
             out.problem(n, None, f"invalid JSON at column {e.colno}: {e.msg}")
+        except (ValueError, RecursionError) as e:
+            out.problem(n, None, _json_error(e))
     return records
 
 
@@ -477,7 +523,7 @@ def _csv_header(header: list[str], out: _Parsed) -> bool:
 
 
 def _csv_records(text: str, out: _Parsed) -> list[tuple[int, Any]] | None:
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header = [h.strip() for h in next(reader, [])]
     if not _csv_header(header, out):
         return None
