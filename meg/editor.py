@@ -144,11 +144,15 @@ class EditedModel(evaluate.EditedLM):
             "files": _hash_tree(tmp),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            import shutil
+        # swap directories: the old bundle is moved aside, not deleted, until the new one is in place
+        old = out.with_name(out.name + ".old")
+        import shutil
 
-            shutil.rmtree(out)
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            os.replace(out, old)
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
         return out
 
     @classmethod

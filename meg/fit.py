@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -271,8 +272,21 @@ def context_prefixes(loaded: lm.LoadedModel, n: int, n_tokens: int, seed: int) -
     return texts
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class WeightStore:
-    """Fitted weights per content key, as a directory of safetensors parts (written atomically)."""
+    """Fitted weights per content key, as a directory of safetensors parts (written atomically).
+
+    Each part has an index (``.json``, written after the part) with its keys and the part's sha256.
+    A part without its index was interrupted; a part that does not match its sha256 (truncated or
+    changed), or cannot be read, is ignored with a warning: its edits are fitted again.
+    """
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -284,8 +298,17 @@ class WeightStore:
             meta_path = part.with_suffix(".json")
             if not meta_path.is_file():
                 continue  # a part without its index was interrupted before completion
-            keys = json.loads(meta_path.read_text())["keys"]
-            tensors = load_file(part)
+            try:
+                meta = json.loads(meta_path.read_text())
+                keys = meta["keys"]
+                if "sha256" in meta and _file_sha256(part) != meta["sha256"]:
+                    raise ValueError("the part does not match its sha256 (truncated or changed)")
+                tensors = load_file(part)
+                if any(t.shape[0] != len(keys) for t in tensors.values()):
+                    raise ValueError(f"the part does not hold {len(keys)} edits")
+            except Exception as e:  # json, safetensors and our checks raise several types
+                warnings.warn(f"{part}: damaged fitted weights, its edits are fitted again: {e}")
+                continue
             for i, key in enumerate(keys):
                 found[key] = {name: t[i] for name, t in tensors.items()}
         return found
@@ -297,7 +320,7 @@ class WeightStore:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, part)
         meta_tmp = part.with_suffix(".json.tmp")
-        meta_tmp.write_text(json.dumps({"keys": keys}))
+        meta_tmp.write_text(json.dumps({"keys": keys, "sha256": _file_sha256(part)}))
         os.replace(meta_tmp, part.with_suffix(".json"))
 
 
