@@ -289,6 +289,27 @@ class Registry:
     def set_alias(self, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(self.name, alias, version)
 
+    @contextmanager
+    def promotion_lock(self) -> Iterator[None]:
+        """Hold while reading the champion and moving its alias, so that two promotions cannot both
+        replace the same champion. An exclusive file lock beside a SQLite store serialises the
+        promotions on that machine; a tracking server offers no compare-and-set on aliases, so
+        there it locks nothing."""
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
+        if not uri.startswith("sqlite:///"):
+            yield
+            return
+        import fcntl
+
+        with open(Path(uri[len("sqlite:///"):]).with_suffix(".promote.lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def set_tags(self, version: str, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_model_version_tag(self.name, version, k, str(v))

@@ -14,7 +14,9 @@
    then only needs to pass the gates, and the reason says so.
 4. Promotion moves the alias to the candidate (an alias names one version at a time, so there is
    exactly one champion), and the decision with its reasons is tagged on the version, written to
-   ``decision.json`` and logged with the stage's run.
+   ``decision.json`` and logged with the stage's run. Reading the champion, deciding and moving the
+   alias happen under the registry's promotion lock (when it has one), so two promotions running at
+   once are decided one after the other: the second one compares with the first one's result.
 
 The registry is passed in (``meg.tracking.Registry`` in the pipeline): this module knows no MLflow.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -125,27 +128,29 @@ def run(view: dict, prepare_dir: Path, evaluate_dir: Path, bundle_dir: Path, out
     candidate = read_json(Path(evaluate_dir) / "metrics.json")["meg"]
     key = read_json(Path(evaluate_dir) / "report.json")["eval_key"]
     version, new = registry.register(Path(bundle_dir), metric_tags(candidate, key))
-    current = registry.champion(cfg.alias)
-    champion, source, note = None, "", ""
-    if current is not None and current["version"] == version:
-        promoted, reasons = True, [f"version {version} is already the {cfg.alias}"]
-    else:
-        if current is not None:
-            if current["tags"].get(f"{TAG_PREFIX}eval_key") == key:
-                champion, source = _metrics_from_tags(current["tags"]), "tags"
-            else:
-                try:
-                    champion, source = _reevaluate(view, registry, current["version"], prepare_dir), "re-evaluated"
-                except BundleError as e:
-                    note = f"the champion (version {current['version']}) cannot be evaluated here: {e}"
-        promoted, reasons = decide(candidate, champion, cfg, note)
-        if promoted:
-            registry.set_alias(cfg.alias, version)
+    lock = getattr(registry, "promotion_lock", None)
+    with lock() if lock else nullcontext():
+        current = registry.champion(cfg.alias)
+        champion, source, note = None, "", ""
+        if current is not None and current["version"] == version:
+            promoted, reasons = True, [f"version {version} is already the {cfg.alias}"]
+        else:
+            if current is not None:
+                if current["tags"].get(f"{TAG_PREFIX}eval_key") == key:
+                    champion, source = _metrics_from_tags(current["tags"]), "tags"
+                else:
+                    try:
+                        champion, source = _reevaluate(view, registry, current["version"], prepare_dir), "re-evaluated"
+                    except BundleError as e:
+                        note = f"the champion (version {current['version']}) cannot be evaluated here: {e}"
+            promoted, reasons = decide(candidate, champion, cfg, note)
+            if promoted:
+                registry.set_alias(cfg.alias, version)
+        registry.set_tags(version, {f"{TAG_PREFIX}decision": "promoted" if promoted else "not promoted",
+                                    f"{TAG_PREFIX}reasons": "; ".join(reasons)[:4000]})
     decision = Decision(promoted, reasons, version, current["version"] if current else None, key, candidate,
                         champion, source, {"min_score": cfg.min_score, "min_locality": cfg.min_locality,
                                            "min_gain": cfg.min_gain})
-    registry.set_tags(version, {f"{TAG_PREFIX}decision": "promoted" if promoted else "not promoted",
-                                f"{TAG_PREFIX}reasons": "; ".join(reasons)[:4000]})
     out = Path(out_dir)
     write_json(out / "decision.json", asdict(decision))
     metrics = {"promoted": float(promoted), "candidate_score": candidate["score"], "version": float(version)}
