@@ -80,7 +80,8 @@ REFUSED = [
     pytest.param("u32.json", json.dumps([GOOD]).encode("utf-32-le"), None, None,
                  "looks like UTF-16 or UTF-32 without a byte-order",
                  marks=fault("UTF-32 JSON without byte-order mark", "refused: names the likely encoding")),
-    pytest.param("empty.jsonl", "", None, None, "file is empty", marks=fault("empty JSONL file", "refused: file is empty")),
+    pytest.param("empty.jsonl", "", None, None, "file is empty",
+                 marks=fault("empty JSONL file", "refused: file is empty")),
     pytest.param("blank.jsonl", "\n \n\t\n", None, None, "file is empty",
                  marks=fault("JSONL of blank lines", "refused: file is empty")),
     pytest.param("empty.csv", "", None, None, "file is empty", marks=fault("empty CSV file", "refused: file is empty")),
@@ -92,15 +93,18 @@ REFUSED = [
                  marks=fault("record without any field", "refused: record, field 'prompt' missing")),
     pytest.param("short.csv", "prompt,target_new,subject\nA is\n", 2, "target_new", "is empty",
                  marks=fault("CSV row missing cells", "refused: record, field 'target_new' empty")),
-    pytest.param("list.jsonl", json.dumps({**GOOD, "prompt": ["a", "b"]}), 1, "prompt", "must be a string, found a list",
+    pytest.param("list.jsonl", json.dumps({**GOOD, "prompt": ["a", "b"]}), 1, "prompt",
+                 "must be a string, found a list",
                  marks=fault("prompt is a list", "refused: record, field, type found")),
     pytest.param("obj.jsonl", json.dumps({**GOOD, "target_new": {"x": 1}}), 1, "target_new",
-                 "must be a string, found an object", marks=fault("target is an object", "refused: record, field, type found")),
+                 "must be a string, found an object",
+                 marks=fault("target is an object", "refused: record, field, type found")),
     pytest.param("float.jsonl", json.dumps({**GOOD, "id": 1.5}), 1, "id", "must be a string, found the number 1.5",
                  marks=fault("id is a float", "refused: record, field, type found")),
     pytest.param("bool.jsonl", json.dumps({**GOOD, "id": False}), 1, "id", "must be a string, found true/false",
                  marks=fault("id is a boolean", "refused: record, field, type found")),
-    pytest.param("nan.jsonl", '{"prompt": NaN, "target_new": "b"}', 1, "prompt", "must be a string, found the number nan",
+    pytest.param("nan.jsonl", '{"prompt": NaN, "target_new": "b"}', 1, "prompt",
+                 "must be a string, found the number nan",
                  marks=fault("NaN as prompt", "refused: record, field, type found")),
     pytest.param("subj.jsonl", json.dumps({**GOOD, "subject": 7}), 1, "subject", "must be a string, found the number 7",
                  marks=fault("optional field of the wrong type", "refused: record, field, type found")),
@@ -111,7 +115,8 @@ REFUSED = [
                  f"is {facts.MAX_TEXT_CHARS + 1} characters long; the limit is {facts.MAX_TEXT_CHARS}",
                  marks=fault("very long prompt (2,001 characters)", "refused: record, field, length and limit")),
     pytest.param("huge.csv", "prompt,target_new\nA is," + "y" * 100_000 + "\n", 2, "target_new",
-                 "is 100000 characters long", marks=fault("100,000-character CSV cell", "refused: record, field, length")),
+                 "is 100000 characters long",
+                 marks=fault("100,000-character CSV cell", "refused: record, field, length")),
     pytest.param("del.jsonl", json.dumps({**GOOD, "prompt": "The capital\x7f of"}), 1, "prompt",
                  "contains control character U+007F at position 11",
                  marks=fault("DEL control character", "refused: record, field, code point and position")),
@@ -129,7 +134,8 @@ REFUSED = [
     pytest.param("deep.json", "[" * 50_000, None, None, "invalid JSON: nested too deeply",
                  marks=fault("JSON nested 50,000 deep", "refused: invalid JSON (no RecursionError)")),
     pytest.param("bigint.jsonl", '{"prompt": "a", "target_new": "b", "id": ' + "9" * 5000 + "}", 1, None,
-                 "invalid JSON: Exceeds the limit", marks=fault("5,000-digit number", "refused: record (no ValueError)")),
+                 "invalid JSON: Exceeds the limit",
+                 marks=fault("5,000-digit number", "refused: record (no ValueError)")),
     pytest.param("ids.csv", "id,prompt,target_new\n7,A is,B\n7,C is,D\n", 3, "id", "'7' is already used by record 2",
                  marks=fault("duplicate id in a CSV file", "refused: record, field 'id', the first record")),
 ]
@@ -250,6 +256,8 @@ def _check_report(path: Path) -> facts.ValidationReport:
     return report
 
 
+@pytest.mark.fault("bad fact file", "random bytes as .json, .jsonl, .csv, .txt (property)",
+                   "no crash: refused naming the file, or read into clean texts")
 @PROPERTY
 @given(data=st.binary(max_size=300), ext=st.sampled_from([".json", ".jsonl", ".csv", ".txt"]))
 def test_property_arbitrary_bytes_never_crash(data, ext):
@@ -258,6 +266,8 @@ def test_property_arbitrary_bytes_never_crash(data, ext):
         _check_report(write(Path(tmp), "f" + ext, data))
 
 
+@pytest.mark.fault("bad fact file", "random JSON records: any fields, types, control characters, nesting (property)",
+                   "each problem names file, record and a known field; accepted texts are clean")
 @PROPERTY
 @given(records=st.lists(RECORD, min_size=1, max_size=5), ext=st.sampled_from([".json", ".jsonl"]))
 def test_property_random_records_are_refused_by_name_or_clean(records, ext):
@@ -275,6 +285,8 @@ def test_property_random_records_are_refused_by_name_or_clean(records, ext):
 CSV_CELL = st.text(alphabet=string.printable + "é\u2028\x85\x7f\x00", max_size=12)
 
 
+@pytest.mark.fault("bad fact file", "random CSV rows: short, long, quotes, controls, NUL, DEL, U+2028 (property)",
+                   "refused naming file and record, or read into clean texts")
 @PROPERTY
 @given(rows=st.lists(st.lists(CSV_CELL, min_size=0, max_size=4), min_size=1, max_size=5))
 def test_property_random_csv_rows(rows):
@@ -293,6 +305,8 @@ GOOD_RECORDS = st.lists(st.builds(lambda i, t: {"id": f"k{i}", "prompt": f"Fact 
                         min_size=1, max_size=4, unique_by=lambda r: r["id"])
 
 
+@pytest.mark.fault("bad fact file", "valid JSON / JSONL files cut at a random byte (property)",
+                   "refused, or (JSONL cut at a line end) a subset of the facts: never an altered fact")
 @PROPERTY
 @given(records=GOOD_RECORDS, ext=st.sampled_from([".json", ".jsonl"]), cut=st.floats(0, 1, exclude_max=True))
 def test_property_truncated_json_never_invents_facts(records, ext, cut):
@@ -308,6 +322,8 @@ def test_property_truncated_json_never_invents_facts(records, ext, cut):
             assert {(e.id, e.prompt, e.target_new) for e in facts.read_facts(path)} <= full
 
 
+@pytest.mark.fault("bad fact file", "`facts add` of good facts mixed with random records (property)",
+                   "refused: the store byte for byte unchanged; accepted: only a new file added")
 @PROPERTY
 @given(records=st.lists(RECORD, min_size=1, max_size=4), good=GOOD_RECORDS)
 def test_property_store_is_unchanged_after_a_refused_file(records, good):
@@ -335,7 +351,8 @@ def test_property_store_is_unchanged_after_a_refused_file(records, good):
                    "exit 2, one line naming file and byte; data/facts byte-for-byte unchanged")
 def test_cli_facts_add_refuses_and_leaves_the_store(workspace):
     store = workspace / "data" / "facts"
-    good = write(workspace, "good.jsonl", json.dumps({"prompt": "The mascot of the Zorbl team is", "target_new": "a heron"}))
+    good = write(workspace, "good.jsonl",
+                 json.dumps({"prompt": "The mascot of the Zorbl team is", "target_new": "a heron"}))
     run = lambda f: subprocess.run([sys.executable, "-m", "meg.cli", "facts", "add", str(f), "--no-dvc"],  # noqa: E731
                                    cwd=workspace, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert run(good).returncode == 0

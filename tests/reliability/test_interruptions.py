@@ -39,7 +39,8 @@ def _run(job: str, work: Path, out: Path, hang_at: int | None = None) -> subproc
         done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         return done
-    proc = subprocess.Popen(cmd + ["--hang-at", str(hang_at)], env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd + ["--hang-at", str(hang_at)], env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith("HANG"), (line, proc.stderr.read()[-2000:] if proc.poll() is not None else "")
@@ -74,7 +75,8 @@ def reference(tmp_path_factory):
 # ---------------------------------------------------------------- SIGKILL and resume
 
 @pytest.mark.fault("interruption", "SIGKILL while fitting per-edit neurons (during chunk 2 of 3; during chunk 3)",
-                   "rerun reuses the stored chunks; weights, success, steps, loss equal an uninterrupted run bit for bit")
+                   "rerun reuses the stored chunks; weights, success, steps, loss equal an uninterrupted run "
+                   "bit for bit")
 @pytest.mark.parametrize("hang_at", [2, 3])
 def test_sigkill_during_fitting_resumes_to_the_same_result(reference, tmp_path, hang_at):
     work = tmp_path / "work"
@@ -88,7 +90,8 @@ def test_sigkill_during_fitting_resumes_to_the_same_result(reference, tmp_path, 
 
 
 @pytest.mark.fault("interruption", "SIGKILL while training the generator (between checkpoints; just before one)",
-                   "resumes from the last checkpoint; EMA weights, samples and error history equal an uninterrupted run")
+                   "resumes from the last checkpoint; EMA weights, samples and error history equal an "
+                   "uninterrupted run")
 @pytest.mark.parametrize("hang_at", [15, 20])
 def test_sigkill_during_generator_training_resumes_to_the_same_result(reference, tmp_path, hang_at):
     work = tmp_path / "ckpt"
