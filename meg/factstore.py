@@ -98,10 +98,14 @@ class FactStore:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.next_path(source)
         tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for e in edits:
-                f.write(json.dumps(e.to_dict(), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for e in edits:
+                    f.write(json.dumps(e.to_dict(), ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # a full disk, an interrupt: leave the store as it was
+            tmp.unlink(missing_ok=True)
+            raise
         return path

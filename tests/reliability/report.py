@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CATEGORIES = ("bad fact file", "contradictory facts", "interruption", "corrupted checkpoint",
-              "concurrent promotion", "failing registry", "wrong base model")
+              "concurrent promotion", "failing registry", "failing store", "wrong base model")
 LIMITS = """\
 ## Known limits
 

@@ -364,3 +364,38 @@ def test_cli_facts_add_refuses_and_leaves_the_store(workspace):
                                         "decoded; save the file as UTF-8"]
     assert "the fact store is unchanged" in done.stderr
     assert snapshot(store) == before and len(before) == 1
+
+
+# ---------------------------------------------------------------- a failing store
+
+@pytest.mark.fault("failing store", "the disk fills up (or an interrupt arrives) while the fact store writes a file",
+                   "the error is raised; the store byte for byte unchanged, no temporary file left; a retry adds it")
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_fact_store_write_failing_half_way_leaves_the_store(tmp_path, monkeypatch, error):
+    import os
+
+    store = FactStore(tmp_path / "facts")
+    store.add(write(tmp_path, "a.jsonl", LINE), CURRENT)
+    before = snapshot(store.root)
+    src = write(tmp_path, "b.jsonl", json.dumps({"prompt": "Mars has moons called", "target_new": "Phobos"}))
+
+    def fail(fd):
+        raise error
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", fail)
+        with pytest.raises(type(error)):
+            store.add(src, CURRENT + store.load())
+    assert snapshot(store.root) == before
+    assert store.add(src, CURRENT + store.load()).written.name == "0002-b.jsonl"
+
+
+@pytest.mark.fault("failing store", "a stored fact file changed by hand into bad JSON",
+                   "reading the store fails naming the file, record and problem (never skipped silently)")
+def test_damaged_store_file_is_reported(tmp_path):
+    store = FactStore(tmp_path / "facts")
+    written = store.add(write(tmp_path, "a.jsonl", LINE + json.dumps({"prompt": "Mars has", "target_new": "moons"})),
+                        CURRENT).written
+    written.write_bytes(written.read_bytes()[:-20])
+    with pytest.raises(FactsError, match=f"{written}:record 2: invalid JSON"):
+        store.load()
