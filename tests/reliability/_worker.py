@@ -1,9 +1,14 @@
-"""A child process for the interruption tests: fitting or generator training with a resumable store.
+"""A child process for the reliability tests: fitting or generator training with a resumable store,
+or one promotion.
 
 ``python -m tests.reliability._worker fit|generator WORK OUT [--hang-at N]`` runs the job with its
 work directory WORK and saves the result to OUT (safetensors). With ``--hang-at N`` the process
 prints ``HANG`` and sleeps at a known point, so the parent can SIGKILL it there: before the N-th
 call of the chunk fit (fitting) or after training step N (generator, between checkpoints).
+
+``python -m tests.reliability._worker promote ROOT OUT --cand DIR --delay S`` runs the promote stage
+for the candidate DIR (``bundle/`` and ``evaluate/``) against the registry of ROOT, waiting S
+seconds after reading the champion (a wide window for another promotion to race through).
 """
 
 from __future__ import annotations
@@ -86,13 +91,39 @@ def generator_job(work: str, hang_at: int | None) -> dict[str, torch.Tensor]:
     return out
 
 
+def promote_job(root: str, out: str, cand: str, delay: float) -> None:
+    from pathlib import Path
+
+    from meg import config, tracking
+    from meg.stages import promote
+
+    tracking.configure(root)
+    real = tracking.Registry.champion
+
+    def slow_champion(self, alias):
+        found = real(self, alias)
+        time.sleep(delay)
+        return found
+
+    tracking.Registry.champion = slow_champion
+    view = config.load_params(Path(root) / "params.yaml")
+    promote.run(view, Path(root) / "prepare", Path(cand) / "evaluate", Path(cand) / "bundle", Path(out),
+                tracking.Registry("meg-editor"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("job", choices=["fit", "generator"])
+    p.add_argument("job", choices=["fit", "generator", "promote"])
     p.add_argument("work")
     p.add_argument("out")
     p.add_argument("--hang-at", type=int, default=None)
+    p.add_argument("--cand", default=None)
+    p.add_argument("--delay", type=float, default=0.0)
     args = p.parse_args(argv)
+    if args.job == "promote":
+        promote_job(args.work, args.out, args.cand, args.delay)
+        print("DONE", flush=True)
+        return 0
     torch.set_num_threads(1)
     tensors = (fit_job if args.job == "fit" else generator_job)(args.work, args.hang_at)
     save_file({k: v.contiguous() for k, v in tensors.items()}, args.out)

@@ -114,6 +114,31 @@ def test_racing_promotions_end_with_one_consistent_champion(two_candidates, monk
         assert first["champion_version"] is None and second["champion_version"] == first["candidate_version"]
 
 
+@pytest.mark.fault("concurrent promotion",
+                   "two promotion processes at once on one SQLite store, each pausing after reading the champion",
+                   "serialised by the file lock: exactly one champion, the better one, whoever starts first")
+def test_racing_promotion_processes_end_with_the_better_champion(two_candidates):
+    import subprocess
+    import sys
+
+    from tests.pipeline.conftest import subprocess_env
+
+    root, cands = two_candidates
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.reliability._worker", "promote", str(root),
+                               str(root / f"promote-{int(score)}"), "--cand", str(cands[score][0].parent),
+                               "--delay", str(delay)],
+                              env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for score, delay in ((60.0, 3.0), (70.0, 1.0))]  # unlocked, the worse one would move the alias last
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    count(2)
+    decisions = {s: promote_stage.read_json(root / f"promote-{int(s)}" / "decision.json") for s in cands}
+    better = decisions[70.0]["candidate_version"]
+    assert _holders(root) == [better]
+    assert tracking.Registry(NAME).client.get_model_version(NAME, better).tags["meg.decision"] == "promoted"
+
+
 @pytest.mark.fault("failing registry", "setting the alias raises (registry down half-way through a promotion)",
                    "the previous champion stays; rerunning the promotion completes it")
 def test_a_promotion_failing_when_moving_the_alias_keeps_the_champion(two_candidates, monkeypatch):
