@@ -260,8 +260,9 @@ class _Record:
     def __init__(self, obj: dict, file: str, n: int, problems: list[FactProblem], prefix: str = ""):
         self.obj, self.file, self.n, self.problems, self.prefix = obj, file, n, problems, prefix
         self.start = len(problems)
-        for name in getattr(obj, "repeated", ()):
-            self.problem(name, "appears more than once in the object (which one is meant?)")
+        for name in getattr(obj, "repeated", ()):  # escaped when unprintable: the message must print
+            self.problem(name if name.isprintable() else repr(name)[1:-1],
+                         "appears more than once in the object (which one is meant?)")
 
     def problem(self, name: str | None, reason: str) -> None:
         self.problems.append(FactProblem(self.file, self.n, None if name is None else self.prefix + name, reason))

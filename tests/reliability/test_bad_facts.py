@@ -131,6 +131,9 @@ REFUSED = [
     pytest.param("twice.jsonl", '{"prompt": "a is", "target_new": "b", "prompt": "c is"}', 1, "prompt",
                  "appears more than once in the object",
                  marks=fault("one field given twice in a JSON object", "refused: record, field (no silent last-wins)")),
+    pytest.param("twice-odd.jsonl", '{"\\ud800": 1, "\\ud800": 2, "prompt": "a is", "target_new": "b"}', 1, "\\ud800",
+                 "appears more than once in the object",
+                 marks=fault("an unprintable field name given twice", "refused: record, field escaped (printable)")),
     pytest.param("deep.json", "[" * 50_000, None, None, "invalid JSON: nested too deeply",
                  marks=fault("JSON nested 50,000 deep", "refused: invalid JSON (no RecursionError)")),
     pytest.param("bigint.jsonl", '{"prompt": "a", "target_new": "b", "id": ' + "9" * 5000 + "}", 1, None,
@@ -242,6 +245,8 @@ RECORD = st.dictionaries(st.sampled_from(FIELDS), VALUE | TEXT, max_size=6) | VA
 def _check_report(path: Path) -> facts.ValidationReport:
     """Whatever the content: no exception but FactsError, every problem names the file, accepted texts are clean."""
     report = facts.validate_file(path)
+    for line in report.notes + [str(p) for p in report.problems]:
+        line.encode("utf-8")  # printable as it is (no unpaired surrogate from the file)
     for p in report.problems:
         assert str(p).startswith(f"{path}:") and p.reason
         assert p.record is None or p.record >= 1
