@@ -101,6 +101,14 @@ def fresh_dir(out: Path) -> Iterator[Path]:
     os.replace(tmp, out)
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def tree_hash(root: Path) -> str:
     """sha256 over the relative paths and contents of every file under ``root``."""
     h = hashlib.sha256()

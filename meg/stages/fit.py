@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from meg import config
 from meg.errors import BundleError, ConfigError
-from meg.stages.common import StageResult, load_base, read_edits, read_json, write_json, write_metrics
+from meg.stages.common import (StageResult, file_sha256, load_base, read_edits, read_json, write_json,
+                               write_metrics)
 
 TENSORS = ("weights", "w0", "success", "steps", "loss")
 
@@ -43,19 +44,25 @@ def shard_of(content_key: str, n: int) -> int:
 
 
 def _write(out: Path, ids, keys, layer, tensors: dict, report: dict, extra: dict) -> None:
+    """weights.safetensors, then fit.json naming its sha256 (each written atomically)."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".weights.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     tmp.replace(out / "weights.safetensors")
-    write_json(out / "fit.json", {"ids": ids, "keys": keys, "layer": layer, "report": report, **extra})
+    write_json(out / "fit.json", {"ids": ids, "keys": keys, "layer": layer, "report": report,
+                                  "weights_sha256": file_sha256(out / "weights.safetensors"), **extra})
 
 
 def read(fit_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(fit.json, tensors) of a fit output directory."""
     fit_dir = Path(fit_dir)
     meta = read_json(fit_dir / "fit.json")
+    weights = fit_dir / "weights.safetensors"
+    if "weights_sha256" in meta and weights.is_file() and file_sha256(weights) != meta["weights_sha256"]:
+        raise BundleError(f"{weights}: does not match the sha256 in fit.json (changed, or a write was "
+                          "interrupted); rerun the fit stage")
     try:
-        tensors = load_file(str(fit_dir / "weights.safetensors"))
+        tensors = load_file(str(weights))
     except (OSError, ValueError) as e:
         raise BundleError(f"{fit_dir}/weights.safetensors: unreadable ({e}); rerun the fit stage") from e
     return meta, tensors

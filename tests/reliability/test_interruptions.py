@@ -246,3 +246,27 @@ def test_checkpoint_files_are_written_atomically(tmp_path, monkeypatch):
     final = [p for p in (tmp_path / "fit").rglob("*") if p.is_file()] + list((tmp_path / "gen").iterdir())
     count(len(final))
     assert final and all(p.name in replaced for p in final), [p.name for p in final if p.name not in replaced]
+
+
+# ---------------------------------------------------------------- the fit stage's output
+
+@pytest.mark.fault("interruption", "fit stage killed between writing weights.safetensors and fit.json "
+                   "(new weights beside the old index); weights truncated",
+                   "refused with BundleError naming the file (sha256 recorded in fit.json)")
+@pytest.mark.parametrize("damage", ["new weights, old fit.json", "truncated weights"])
+def test_fit_stage_output_mismatch_is_refused(tmp_path, damage):
+    from safetensors.torch import save_file
+
+    from meg.stages import fit as fit_stage
+
+    out = tmp_path / "fit"
+    fit_stage._write(out, ["a", "b"], ["k1", "k2"], 2, {"w": torch.ones(2, 5)}, {}, {})
+    meta, tensors = fit_stage.read(out)  # reads back what was written
+    assert torch.equal(tensors["w"], torch.ones(2, 5)) and meta["keys"] == ["k1", "k2"]
+    weights = out / "weights.safetensors"
+    if damage == "truncated weights":
+        _truncate(weights)
+    else:  # the next run replaced the weights, and was killed before it replaced fit.json
+        save_file({"w": torch.zeros(3, 5)}, str(weights))
+    with pytest.raises(BundleError, match="weights.safetensors"):
+        fit_stage.read(out)
