@@ -30,12 +30,20 @@ def _hang(label: str) -> None:
     time.sleep(600)
 
 
+def _tiny_llama():
+    from meg import lm
+
+    if not hasattr(_tiny_llama, "loaded"):  # built once per process
+        _tiny_llama.loaded = lm.tiny_model("llama", lm.load_tokenizer(lm.DEFAULT_MODEL))
+    return _tiny_llama.loaded
+
+
 def fit_job(work: str, hang_at: int | None) -> dict[str, torch.Tensor]:
-    from meg import fit, lm
+    from meg import fit
     from tests.conftest import make_edit
     from tests.unit.test_fit import EDITS
 
-    loaded = lm.tiny_model("llama", lm.load_tokenizer(lm.DEFAULT_MODEL))
+    loaded = _tiny_llama()
     if hang_at is not None:
         real, calls = fit._fit_chunk, [0]
 

@@ -358,12 +358,11 @@ def test_cli_facts_add_refuses_and_leaves_the_store(workspace):
     store = workspace / "data" / "facts"
     good = write(workspace, "good.jsonl",
                  json.dumps({"prompt": "The mascot of the Zorbl team is", "target_new": "a heron"}))
-    run = lambda f: subprocess.run([sys.executable, "-m", "meg.cli", "facts", "add", str(f), "--no-dvc"],  # noqa: E731
-                                   cwd=workspace, env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert run(good).returncode == 0
+    FactStore(store).add(good, CURRENT)
     before = snapshot(store)
     bad = write(workspace, "bad.csv", "prompt,target_new\nThe café is,open\n".encode("latin-1"))
-    done = run(bad)
+    done = subprocess.run([sys.executable, "-m", "meg.cli", "facts", "add", str(bad), "--no-dvc"], cwd=workspace,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stdout.splitlines() == [f"{bad}: is not valid UTF-8: byte 0xE9 at byte offset 25 (line 2) cannot be "
                                         "decoded; save the file as UTF-8"]

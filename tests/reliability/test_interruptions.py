@@ -65,11 +65,22 @@ def _assert_same(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Uninterrupted runs of both jobs (fresh work directories)."""
+    """Uninterrupted runs of both jobs (fresh work directories), in this process, one thread like the worker."""
+    from safetensors.torch import save_file
+
     root = tmp_path_factory.mktemp("reference")
-    for job in ("fit", "generator"):
-        _run(job, root / f"{job}-work", root / f"{job}.safetensors")
+    for job, run in (("fit", _worker.fit_job), ("generator", _worker.generator_job)):
+        save_file({k: v.contiguous() for k, v in run(str(root / f"{job}-work"), None).items()},
+                  str(root / f"{job}.safetensors"))
     return root
+
+
+def _resume(job: str, work: Path, out: Path) -> None:
+    """The rerun after a kill, in this process (the kill itself happened in a child process)."""
+    from safetensors.torch import save_file
+
+    tensors = (_worker.fit_job if job == "fit" else _worker.generator_job)(str(work), None)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out))
 
 
 # ---------------------------------------------------------------- SIGKILL and resume
@@ -83,7 +94,7 @@ def test_sigkill_during_fitting_resumes_to_the_same_result(reference, tmp_path, 
     _run("fit", work, tmp_path / "killed.safetensors", hang_at=hang_at)
     stored = list(work.rglob("part-*.json"))
     assert len(stored) == hang_at - 1  # the chunks finished before the kill, nothing of the one killed
-    _run("fit", work, tmp_path / "resumed.safetensors")
+    _resume("fit", work, tmp_path / "resumed.safetensors")
     _assert_same(reference / "fit.safetensors", tmp_path / "resumed.safetensors")
     assert len(list(work.rglob("part-*.json"))) == _worker.N_EDITS // _worker.CHUNK
     assert not list(work.rglob("*.tmp"))
@@ -97,18 +108,17 @@ def test_sigkill_during_generator_training_resumes_to_the_same_result(reference,
     work = tmp_path / "ckpt"
     _run("generator", work, tmp_path / "killed.safetensors", hang_at=hang_at)
     assert json.loads((work / "latest.json").read_text())["step"] == 10  # the step-20 checkpoint was never written
-    _run("generator", work, tmp_path / "resumed.safetensors")
+    _resume("generator", work, tmp_path / "resumed.safetensors")
     _assert_same(reference / "generator.safetensors", tmp_path / "resumed.safetensors")
 
 
 # ---------------------------------------------------------------- damaged store parts (fitting)
 
 def _fit(work: Path):
-    from meg import lm
     from tests.conftest import make_edit
     from tests.unit.test_fit import EDITS
 
-    loaded = _fit.loaded = getattr(_fit, "loaded", None) or lm.tiny_model("llama", lm.load_tokenizer(lm.DEFAULT_MODEL))
+    loaded = _worker._tiny_llama()
     edits = [make_edit(i, p, t) for i, (p, t) in enumerate(EDITS[: _worker.N_EDITS])]
     cfg = fit.FitConfig(layer=2, optimizer="adam", lr=0.3, max_steps=40, chunk_size=_worker.CHUNK, suffix="")
     return fit.fit_edits(loaded, edits, cfg, store_dir=work, progress=False)

@@ -19,36 +19,43 @@ from tests.reliability.plugin import count
 from tests.tiny_bundle import tiny_bundle
 
 
-@pytest.fixture
-def two_candidates(tmp_path, monkeypatch):
-    """A fresh SQLite registry holding two registered versions (Score 60 and 70), neither champion yet.
+@pytest.fixture(scope="module")
+def registry_template(tmp_path_factory):
+    """A SQLite registry holding two registered versions (Score 60 and 70), neither champion yet.
 
     The bundles are stand-ins (promotion reads only their sha256 and the evaluation's numbers).
-    Returns (root, {score: (bundle dir, evaluate dir)}) for calling the promote stage directly.
     """
     import mlflow
 
     from meg.stages.common import write_json
 
-    root = tmp_path
+    root = tmp_path_factory.mktemp("registry")
+    with pytest.MonkeyPatch.context() as m:
+        m.delenv("MLFLOW_TRACKING_URI", raising=False)
+        m.delenv("MEG_MLFLOW_ARTIFACTS", raising=False)
+        params = config.default_params()
+        params["promote"].update(min_score=0.0, min_locality=0.0)
+        write_params(root, params)
+        tracking.configure(root)
+        for score in (60.0, 70.0):
+            keep = root / f"cand-{int(score)}"
+            (keep / "bundle").mkdir(parents=True)
+            write_json(keep / "bundle" / "manifest.json", {"stand-in": score})
+            write_json(keep / "evaluate" / "metrics.json", {"meg": {"score": score, "loc_ag": 90.0}})
+            write_json(keep / "evaluate" / "report.json", {"eval_key": "same-evaluation"})
+            with mlflow.start_run():
+                _, new = tracking.Registry(NAME).register(keep / "bundle", {})
+            assert new
+    return root
+
+
+@pytest.fixture
+def two_candidates(registry_template, tmp_path, monkeypatch):
+    """A copy of the template registry: (root, {score: (bundle dir, evaluate dir)})."""
+    root = shutil.copytree(registry_template, tmp_path / "ws")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MEG_MLFLOW_ARTIFACTS", raising=False)
-    params = config.default_params()
-    params["promote"].update(min_score=0.0, min_locality=0.0)
-    write_params(root, params)
     tracking.configure(root)
-    out = {}
-    for score in (60.0, 70.0):
-        keep = root / f"cand-{int(score)}"
-        (keep / "bundle").mkdir(parents=True)
-        write_json(keep / "bundle" / "manifest.json", {"stand-in": score})
-        write_json(keep / "evaluate" / "metrics.json", {"meg": {"score": score, "loc_ag": 90.0}})
-        write_json(keep / "evaluate" / "report.json", {"eval_key": "same-evaluation"})
-        with mlflow.start_run():
-            version, new = tracking.Registry(NAME).register(keep / "bundle", {})
-        assert new
-        out[score] = (keep / "bundle", keep / "evaluate")
-    return root, out
+    return root, {s: (root / f"cand-{int(s)}" / "bundle", root / f"cand-{int(s)}" / "evaluate") for s in (60.0, 70.0)}
 
 
 def _promote(root: Path, bundle: Path, evaluate: Path, out: Path) -> dict:
