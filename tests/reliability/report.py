@@ -23,8 +23,11 @@ LIMITS = """\
 * A JSONL or CSV file cut exactly at the end of a line reads as a shorter, valid file, and a CSV file
   cut inside an unquoted last cell reads with that cell shortened: neither format marks its end.
   JSON lists and any cut inside a JSONL record are refused.
-* Parts of the fitting store written before parts carried a sha256 are read without that check
-  (a part that no longer parses is still fitted again).
+* Parts of the fitting store written before parts carried a sha256, and fit stage outputs written
+  before fit.json carried `weights_sha256`, are read without that check (a part that no longer
+  parses is still fitted again).
+* Replacing an edit bundle moves the old one to `OUT.old` before the new one takes its place: a
+  process killed between the two renames leaves the old bundle there and none at `OUT`.
 * The promotion lock is a file lock beside a SQLite store: it serialises promotions on one machine.
   A remote tracking server offers no compare-and-set on aliases, so there two promotions racing can
   still both move the alias (the last one wins).
