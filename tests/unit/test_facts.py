@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from meg import cli, facts
+from meg import facts
 from meg.errors import FactsError
 from meg.facts import EditRequest, Probe
 
@@ -305,15 +305,21 @@ def test_readers_resolve(tmp_path):
 # ---------------------------------------------------------------- the command
 
 
-def test_cli_validate(tmp_path, capsys):
+def validate_cli(path: Path) -> subprocess.CompletedProcess:
+    """`meg facts validate` in its own process: its output alone, whatever else this process prints."""
+    return subprocess.run([sys.executable, "-m", "meg.cli", "facts", "validate", str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_validate(tmp_path):
     good = jsonl(tmp_path, GOOD, name="good.jsonl")
-    assert cli.main(["facts", "validate", str(good)]) == 0
-    assert "1 records, 1 edits" in capsys.readouterr().out
+    run = validate_cli(good)
+    assert run.returncode == 0 and "1 records, 1 edits" in run.stdout
     bad = jsonl(tmp_path, {"prompt": "p"}, {"prompt": "", "target_new": "t"}, name="bad.jsonl")
-    assert cli.main(["facts", "validate", str(bad)]) == 2
-    out = capsys.readouterr().out.splitlines()
-    assert out == [f"{bad}:record 1: field 'target_new': is required but missing",
-                   f"{bad}:record 2: field 'prompt': is empty"]
+    run = validate_cli(bad)
+    assert run.returncode == 2
+    assert run.stdout.splitlines() == [f"{bad}:record 1: field 'target_new': is required but missing",
+                                       f"{bad}:record 2: field 'prompt': is empty"]
 
 
 def test_cli_subprocess_exit_codes(tmp_path):
