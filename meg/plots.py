@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never open a window
@@ -14,17 +14,22 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    tmp.replace(path)
-    return path
+def save(fig, path: Path) -> Path:
+    """Write the figure atomically as PNG and close it (also when writing fails)."""
+    plt = pyplot()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp.png")
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        tmp.replace(path)
+        return path
+    finally:
+        plt.close(fig)
 
 
 def training_curve(history: list[dict], path: Path, title: str = "generator training") -> Path:
     """Loss and sampled relative error against the training step."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [h["step"] for h in history]
     ax.plot(steps, [h["loss"] for h in history], marker="o", label="loss")
@@ -33,15 +38,12 @@ def training_curve(history: list[dict], path: Path, title: str = "generator trai
     ax.set_yscale("log")
     ax.set_title(title)
     ax.legend()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return save(fig, path)
 
 
 def comparison(methods: dict[str, dict], columns: list[str], path: Path, title: str) -> Path:
     """Grouped bars: one group per metric, one bar per method (percentages)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.8))
     names = list(methods)
     width = 0.8 / max(1, len(names))
@@ -53,7 +55,4 @@ def comparison(methods: dict[str, dict], columns: list[str], path: Path, title: 
     ax.set_ylabel("%")
     ax.set_title(title)
     ax.legend()
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return save(fig, path)

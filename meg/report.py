@@ -35,6 +35,8 @@ import html
 import os
 from pathlib import Path
 
+from meg import plots
+
 REPORT_NAME = "report"
 TABLE_METRICS = ("rel_ag", "rel_tf", "gen_ag", "gen_tf", "loc_ag", "loc_tf", "score", "es", "ps", "ns",
                  "edit_seconds", "eval_seconds", "peak_rss_mb")
@@ -132,27 +134,12 @@ def confusion_from_records(records: list[dict]) -> dict[str, float] | None:
 
 
 def _plots(out_dir: Path, methods: dict[str, dict], records: dict[str, list[dict]]) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     made: dict[str, Path] = {}
     keys = [k for k in PLOT_METRICS if any(isinstance(m.get(k), (int, float)) for m in methods.values())]
     if keys:
-        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(keys) * max(1, len(methods)) ** 0.5), 3.6))
-        width = 0.8 / max(1, len(methods))
-        for j, (name, m) in enumerate(methods.items()):
-            xs = [i + j * width for i in range(len(keys))]
-            ax.bar(xs, [float(m.get(k) or 0.0) for k in keys], width, label=name)
-        ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(keys))], keys)
-        ax.set_ylim(0, 100)
-        ax.set_ylabel("%")
-        ax.set_title("Metrics per method")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        made["Metrics per method"] = _save(fig, out_dir / "metrics.png")
+        made["Metrics per method"] = plots.comparison(methods, keys, out_dir / "metrics.png", "Metrics per method")
     for name, rows in records.items():
         conf = {kind: [r[f"{kind}_confidence"] for r in rows if r.get(f"{kind}_confidence") is not None]
                 for kind in ("rel", "gen", "loc")}
@@ -168,18 +155,8 @@ def _plots(out_dir: Path, methods: dict[str, dict], records: dict[str, list[dict
         ax.set_title(f"{name}: router confidence")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        made[f"{name}: router confidence"] = _save(fig, out_dir / f"router_confidence_{_slug(name)}.png")
+        made[f"{name}: router confidence"] = plots.save(fig, out_dir / f"router_confidence_{_slug(name)}.png")
     return made
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 def _slug(name: str) -> str:
