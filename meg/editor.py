@@ -32,6 +32,7 @@ import torch
 
 from meg import evaluate, fit, lm
 from meg.errors import BundleError, ConfigError
+from meg.hashing import file_sha256
 
 if TYPE_CHECKING:
     from meg.facts import EditRequest
@@ -510,9 +511,5 @@ def _hash_tree(root: Path, skip: set[str] = frozenset({"manifest.json"})) -> dic
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
         if p.is_file() and rel not in skip:
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-            out[rel] = h.hexdigest()
+            out[rel] = file_sha256(p)
     return out

@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from meg import lm, neuron, textbatch
+from meg.hashing import file_sha256
 from meg.errors import ConfigError
 from typing import TYPE_CHECKING
 
@@ -272,14 +273,6 @@ def context_prefixes(loaded: lm.LoadedModel, n: int, n_tokens: int, seed: int) -
     return texts
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class WeightStore:
     """Fitted weights per content key, as a directory of safetensors parts (written atomically).
 
@@ -301,7 +294,7 @@ class WeightStore:
             try:
                 meta = json.loads(meta_path.read_text())
                 keys = meta["keys"]
-                if "sha256" in meta and _file_sha256(part) != meta["sha256"]:
+                if "sha256" in meta and file_sha256(part) != meta["sha256"]:
                     raise ValueError("the part does not match its sha256 (truncated or changed)")
                 tensors = load_file(part)
                 if any(t.shape[0] != len(keys) for t in tensors.values()):
@@ -320,7 +313,7 @@ class WeightStore:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, part)
         meta_tmp = part.with_suffix(".json.tmp")
-        meta_tmp.write_text(json.dumps({"keys": keys, "sha256": _file_sha256(part)}))
+        meta_tmp.write_text(json.dumps({"keys": keys, "sha256": file_sha256(part)}))
         os.replace(meta_tmp, part.with_suffix(".json"))
 
 

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meg.errors import BundleError, ConfigError
+from meg.hashing import file_sha256
 
 # Notation (paper -> code)
 #   w = (k, v, b)        one edit's packed neuron weights                 w       (N, D)
@@ -444,14 +445,6 @@ def relative_errors(pred_delta: torch.Tensor, true_delta: torch.Tensor) -> torch
     return (pred_delta - true_delta).norm(dim=1) / torch.maximum(norm, floor)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -725,7 +718,7 @@ class WeightGenerator:
         tensors["rng"] = rng.get_state()
         name = f"step-{step:07d}.safetensors"
         _atomic_save_tensors(ckpt_dir / name, tensors)
-        pointer = {"file": name, "sha256": _sha256(ckpt_dir / name), "step": step, "data": data_hash,
+        pointer = {"file": name, "sha256": file_sha256(ckpt_dir / name), "step": step, "data": data_hash,
                    "config": asdict(self.config), "history": state["history"],
                    "loss_sum": state["loss_sum"], "loss_count": state["loss_count"]}
         _atomic_write_bytes(ckpt_dir / CKPT_POINTER, json.dumps(pointer, indent=1).encode())
@@ -745,7 +738,7 @@ class WeightGenerator:
             warnings.warn(f"{ckpt_dir}: checkpoint is for other data or settings; training from scratch")
             return None
         path = ckpt_dir / pointer["file"]
-        if not path.is_file() or _sha256(path) != pointer["sha256"]:
+        if not path.is_file() or file_sha256(path) != pointer["sha256"]:
             raise BundleError(f"{path}: checkpoint missing or does not match its sha256 (truncated or changed)")
         tensors = _load_tensors(path)
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -832,7 +825,7 @@ class WeightGenerator:
         meta = {"format": FORMAT_VERSION, "config": asdict(self.config), "dim": self.dim, "cond_dim": self.cond_dim,
                 "steps_trained": self.steps_trained, "history": self.history}
         _atomic_write_bytes(out / CONFIG_FILE, json.dumps(meta, indent=1).encode())
-        manifest = {"files": {name: _sha256(out / name) for name in (CONFIG_FILE, WEIGHTS_FILE)}}
+        manifest = {"files": {name: file_sha256(out / name) for name in (CONFIG_FILE, WEIGHTS_FILE)}}
         _atomic_write_bytes(out / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
         return out
 
@@ -848,7 +841,7 @@ class WeightGenerator:
         except (ValueError, KeyError) as e:
             raise BundleError(f"{manifest_path}: corrupted manifest: {e}") from e
         for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (src / name).is_file() or _sha256(src / name) != expected.get(name):
+            if not (src / name).is_file() or file_sha256(src / name) != expected.get(name):
                 raise BundleError(f"{src / name}: missing or does not match the manifest (truncated or changed)")
         meta = json.loads((src / CONFIG_FILE).read_text())
         if meta.get("format") != FORMAT_VERSION:

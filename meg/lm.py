@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from meg.errors import ModelSourceError
+from meg.hashing import update_from_file
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -231,9 +232,7 @@ def content_hash(model_dir: Path) -> str:
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
+        update_from_file(h, p)
     digest = h.hexdigest()
     try:
         cache.write_text(json.dumps({"files": stamp, "sha256": digest}))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from meg.errors import BundleError
+from meg.hashing import update_from_file
 
 
 @dataclass
@@ -101,23 +102,13 @@ def fresh_dir(out: Path) -> Iterator[Path]:
     os.replace(tmp, out)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tree_hash(root: Path) -> str:
     """sha256 over the relative paths and contents of every file under ``root``."""
     h = hashlib.sha256()
     for p in sorted(Path(root).rglob("*")):
         if p.is_file():
             h.update(p.relative_to(root).as_posix().encode() + b"\0")
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
+            update_from_file(h, p)
     return h.hexdigest()
 
 

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from meg import config
 from meg.errors import BundleError, ConfigError
-from meg.stages.common import (StageResult, file_sha256, load_base, read_edits, read_json, write_json,
-                               write_metrics)
+from meg.hashing import file_sha256
+from meg.stages.common import StageResult, load_base, read_edits, read_json, write_json, write_metrics
 
 TENSORS = ("weights", "w0", "success", "steps", "loss")
 
