@@ -50,7 +50,9 @@ def trained():
     (DiTDenoiser, dict(patch_size=8, width=32, depth=2, heads=2)),
     (DiTDenoiser, dict(patch_size=8, width=32, depth=2, heads=2, token_cond=True)),
     (DiTDenoiser, dict(patch_size=0, width=32, depth=2, heads=2)),
+    (DiTDenoiser, dict(patch_size=0, width=32, depth=2, heads=2, head_width=64)),
     (MLPDenoiser, dict(width=32, depth=2)),
+    (MLPDenoiser, dict(width=32, depth=2, head_width=64)),
 ])
 def test_fresh_denoiser_outputs_zeros(denoiser, kwargs):
     torch.manual_seed(0)
@@ -58,6 +60,22 @@ def test_fresh_denoiser_outputs_zeros(denoiser, kwargs):
     out = model(torch.randn(5, D), torch.randint(0, 1000, (5,)), torch.randn(5, C))
     assert out.shape == (5, D)
     assert torch.equal(out, torch.zeros(5, D))
+
+
+@pytest.mark.parametrize("denoiser, kwargs", [(DiTDenoiser, dict(width=8, depth=1, heads=2)),
+                                              (MLPDenoiser, dict(width=8, depth=1))])
+def test_output_head_lifts_the_rank_bound_of_the_width(denoiser, kwargs):
+    """A linear output spans at most `width` directions over all inputs; a GELU head spans more."""
+    ranks = {}
+    for head_width in (0, 64):
+        torch.manual_seed(0)
+        model = denoiser(D, C, head_width=head_width, **kwargs)
+        for p in model.parameters():  # leave the zero initialisation: any trained state
+            torch.nn.init.normal_(p, std=0.5)
+        with torch.no_grad():
+            out = model(torch.randn(64, D), torch.randint(0, 1000, (64,)), torch.randn(64, C))
+        ranks[head_width] = int(torch.linalg.matrix_rank(out - out.mean(0)))
+    assert ranks[0] <= 8 < ranks[64], ranks
 
 
 def test_dit_pads_to_whole_patches():
@@ -126,6 +144,28 @@ def test_save_load_round_trip(trained, tmp_path):
     assert back.history == gen.history
 
 
+def test_generator_saved_before_the_output_head_loads_as_linear(tmp_path):
+    """Files written before head_width / lr_schedule existed were linear-output, constant-lr generators."""
+    import json
+
+    from meg.generator import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
+    from meg.hashing import file_sha256
+
+    cond, w, w0 = _pairs(8)
+    old = WeightGenerator(_tiny(max_steps=5, head_width=0, lr_schedule="constant"))
+    old.fit(cond, w, w0, progress=False)
+    out = old.save(tmp_path / "gen")
+    meta = json.loads((out / CONFIG_FILE).read_text())
+    for key in ("head_width", "lr_schedule", "lr_min_ratio"):
+        del meta["config"][key]
+    (out / CONFIG_FILE).write_text(json.dumps(meta))
+    manifest = {"files": {n: file_sha256(out / n) for n in (CONFIG_FILE, WEIGHTS_FILE)}}
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    back = WeightGenerator.load(out)
+    assert back.config.head_width == 0 and back.config.lr_schedule == "constant"
+    assert torch.equal(back.sample(cond), old.sample(cond))
+
+
 def test_truncated_file_is_refused(trained, tmp_path):
     gen, _ = trained
     out = gen.save(tmp_path / "gen")
@@ -144,13 +184,14 @@ def test_missing_manifest_is_refused(trained, tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
+    # the interruption is a shorter max_steps (under a cosine schedule that would be a warm restart)
     cond, w, w0 = _pairs(12)
-    full = WeightGenerator(_tiny(max_steps=25))
+    full = WeightGenerator(_tiny(max_steps=25, lr_schedule="constant"))
     full.fit(cond, w, w0, progress=False)
 
-    first = WeightGenerator(_tiny(max_steps=11))  # stops between checkpoints (every 7 steps)
+    first = WeightGenerator(_tiny(max_steps=11, lr_schedule="constant"))  # stops between checkpoints (every 7)
     first.fit(cond, w, w0, ckpt_dir=tmp_path / "ckpt", progress=False)
-    second = WeightGenerator(_tiny(max_steps=25))
+    second = WeightGenerator(_tiny(max_steps=25, lr_schedule="constant"))
     second.fit(cond, w, w0, ckpt_dir=tmp_path / "ckpt", progress=False, resume=True)
 
     for a, b in zip(full.ema.state_dict().values(), second.ema.state_dict().values()):
@@ -160,6 +201,47 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert [(h["step"], h["loss"], h["error"]) for h in full.history] == \
            [(h["step"], h["loss"], h["error"]) for h in second.history]
     assert torch.equal(full.sample(cond), second.sample(cond))
+
+
+def test_cosine_schedule_warms_up_then_decays_to_its_floor():
+    gen = WeightGenerator(GeneratorConfig(lr=1e-2, warmup_steps=10, max_steps=110, lr_schedule="cosine",
+                                          lr_min_ratio=0.1))
+    lrs = [gen._lr(step) for step in range(200)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-2)
+    assert lrs[60] == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))  # half way through the decay
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[110] == pytest.approx(1e-3) and lrs[199] == pytest.approx(1e-3)
+    constant = WeightGenerator(GeneratorConfig(lr=1e-2, warmup_steps=10, lr_schedule="constant"))
+    assert constant._lr(500) == 1e-2
+
+
+def test_interrupted_cosine_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    cond, w, w0 = _pairs(12)
+    full = WeightGenerator(_tiny(max_steps=25, lr_schedule="cosine"))
+    full.fit(cond, w, w0, progress=False)
+
+    real_step = WeightGenerator._train_step
+
+    def crash_at_step_10(self, scheduler, optimizer, rng, x0_all, cond_all, step):
+        if step == 10:
+            raise KeyboardInterrupt
+        return real_step(self, scheduler, optimizer, rng, x0_all, cond_all, step)
+
+    monkeypatch.setattr(WeightGenerator, "_train_step", crash_at_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        WeightGenerator(_tiny(max_steps=25, lr_schedule="cosine")).fit(cond, w, w0, ckpt_dir=tmp_path,
+                                                                      progress=False)
+    steps_run = []
+
+    def count(self, scheduler, optimizer, rng, x0_all, cond_all, step):
+        steps_run.append(step)
+        return real_step(self, scheduler, optimizer, rng, x0_all, cond_all, step)
+
+    monkeypatch.setattr(WeightGenerator, "_train_step", count)
+    resumed = WeightGenerator(_tiny(max_steps=25, lr_schedule="cosine"))
+    resumed.fit(cond, w, w0, ckpt_dir=tmp_path, progress=False)
+    assert steps_run[0] == 7 and len(steps_run) == 18  # continued from the step-7 checkpoint
+    assert torch.equal(full.sample(cond), resumed.sample(cond))
 
 
 def test_corrupted_checkpoint_is_refused(tmp_path):
@@ -202,7 +284,7 @@ def test_normalisation_round_trip_and_std_floor():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("denoiser", "unet"), ("patch_size", -1), ("token_cond", 1), ("loss_weighting", "snr"), ("cond_noise", -0.1),
+    [("denoiser", "unet"), ("patch_size", -1), ("head_width", -2), ("lr_schedule", "step"), ("lr_min_ratio", 1.0), ("token_cond", 1), ("loss_weighting", "snr"), ("cond_noise", -0.1),
      ("heads", 3), ("cond_dropout", 1.0), ("beta_schedule", "cubic"),
      ("prediction_type", "x"), ("sampler", "euler"), ("lr", -1.0), ("ema_decay", 1.5), ("target_error", 0),
      ("sample_steps", 5000), ("max_steps", 1.5), ("device", "nowhere"), ("dtype", "int8")],
