@@ -417,7 +417,7 @@ def build(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfig,
     if cfg.weights == "generator":
         cond, rows = generator_pairs(cfg, edits, encoder, bank)
         generator = train_generator(cfg, cond, fitted.weights[rows], fitted.w0,
-                                    ckpt_dir=_generator_ckpt_dir(cfg, work_dir), progress=progress)
+                                    ckpt_dir=_generator_ckpt_dir(cfg, edits, work_dir), progress=progress)
     timings["generator_seconds"] = time.time() - t0
 
     info = {
@@ -458,11 +458,17 @@ def router_confusion(model: EditedModel, edits: "list[EditRequest]", bank=None) 
     return out
 
 
-def _generator_ckpt_dir(cfg: MegConfig, work_dir: Path | None) -> Path | None:
-    """Checkpoints of one generator setting (variants of a build in one work dir keep theirs apart)."""
+def _generator_ckpt_dir(cfg: MegConfig, edits: "list[EditRequest]", work_dir: Path | None) -> Path | None:
+    """Checkpoints of one generator run: its settings, the settings its conditions come from, and the edit set.
+
+    Builds that differ only in other settings (the router's, say) share the directory and so resume
+    one another's training; builds of other edit sets or encoders in the same work dir keep apart.
+    """
     if work_dir is None:
         return None
-    key = hashlib.sha256(json.dumps(cfg.generator, sort_keys=True).encode()).hexdigest()[:12]
+    what = {"generator": cfg.generator, "encoder": cfg.encoder, "variants": cfg.generator_variants,
+            "fit": asdict(cfg.fit), "edits": [e.content_key for e in edits]}
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
     return Path(work_dir) / "generator" / key
 
 

@@ -120,3 +120,17 @@ def test_pseudo_pool_shares_no_text_with_the_edits():
     texts = {e.prompt for e in edits}
     keys = {e.content_key for e in edits}
     assert pool and all(p.content_key not in keys and p.prompt not in texts for p in pool)
+
+
+def test_generator_checkpoints_are_kept_apart_per_edit_set_and_settings(tmp_path):
+    """Builds sharing a work dir resume each other only when they would train the same generator."""
+    edits = [make_edit(i, p, t) for i, (p, t, _, _) in enumerate(EDITS)]
+    cfg = small_config()
+    base = editor._generator_ckpt_dir(cfg, edits, tmp_path)
+    assert base.parent == tmp_path / "generator"
+    gated = editor.with_overrides(cfg, {"router_options.subject_gate": True})
+    assert editor._generator_ckpt_dir(gated, edits, tmp_path) == base
+    assert editor._generator_ckpt_dir(cfg, edits[:2], tmp_path) != base
+    for change in ({"generator.width": 32}, {"encoder.max_steps": 3}, {"fit.lr": 0.2}):
+        assert editor._generator_ckpt_dir(editor.with_overrides(cfg, change), edits, tmp_path) != base, change
+    assert editor._generator_ckpt_dir(cfg, edits, None) is None

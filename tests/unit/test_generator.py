@@ -324,3 +324,14 @@ def test_bad_inputs_are_refused(trained):
         gen.sample(torch.randn(2, C + 1))
     with pytest.raises(ConfigError, match="mismatched"):
         WeightGenerator(_tiny()).fit(cond, torch.randn(3, D), torch.zeros(D), progress=False)
+
+
+def test_rank_error_analysis_of_the_capacity_benchmark():
+    from bench.generator_fit import rank_errors
+
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(300, generator=g)
+    low = torch.randn(600, 128, generator=g) @ torch.randn(128, 300, generator=g)  # rank 128 around a shared mean
+    errors = rank_errors(w0 + 3.0 + low, w0)
+    assert errors[64] > 0.1 and errors[128] < 1e-6  # exact from the true rank on, not below it
+    assert list(errors) == [64, 128, 256]
