@@ -592,6 +592,7 @@ class WeightGenerator:
         x0_all = self.normalise(w)  # (N, D)
         cond_all = cond.to(self.device, self.dtype)  # (N, C)
         self._build(dim, cond.shape[1])
+        self._warm_started = init_from is not None
         if init_from is not None:
             self._warm_start(init_from)
 
@@ -768,7 +769,8 @@ class WeightGenerator:
         except ValueError as e:
             raise BundleError(f"{pointer_path}: corrupted checkpoint pointer: {e}") from e
         if pointer.get("data") != data_hash or not self._compatible(pointer.get("config", {})):
-            warnings.warn(f"{ckpt_dir}: checkpoint is for other data or settings; training from scratch")
+            start = "the warm start" if self._warm_started else "scratch"
+            warnings.warn(f"{ckpt_dir}: checkpoint is for other data or settings; not resumed, training from {start}")
             return None
         path = ckpt_dir / pointer["file"]
         if not path.is_file() or file_sha256(path) != pointer["sha256"]:
