@@ -184,7 +184,9 @@ def test_leftover_tmp_files_are_ignored(fitted, tmp_path):
 # ---------------------------------------------------------------- damaged checkpoints (generator)
 
 def _train(work: Path, max_steps: int = _worker.GEN_STEPS) -> WeightGenerator:
-    gen = WeightGenerator(_worker.generator_config(max_steps=max_steps))
+    # the stopped run below is a shorter max_steps: with a constant rate its continuation is exactly the
+    # uninterrupted run (under cosine it would be a warm restart); the SIGKILL tests cover the default
+    gen = WeightGenerator(_worker.generator_config(max_steps=max_steps, lr_schedule="constant"))
     gen.fit(*_worker.generator_pairs(), ckpt_dir=work, progress=False)
     return gen
 
