@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bench.quality import _pairs
+from bench.quality import parse_settings, parse_variants
 from meg import facts, fit, lm
 from meg.editor import MegConfig, encoder_for, generator_pairs, pseudo_pool, template_bank
 from meg.generator import GeneratorConfig, WeightGenerator, relative_errors
@@ -103,15 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    common = {"eval_every": 250, **_pairs(",".join(args.set), "--set")}
-    variants = {"default": {}}
-    if args.variant:
-        variants = {}
-        for v in args.variant:
-            name, sep, settings = v.partition(":")
-            if not sep or not name or name in variants:
-                p.error(f"--variant {v!r}: expected a new NAME:FIELD=VALUE,...")
-            variants[name] = _pairs(settings, f"--variant {name}")
+    try:
+        common = {"eval_every": 250, **parse_settings(",".join(args.set), "--set")}
+        variants = parse_variants(args.variant) or {"default": {}}
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
 
     cond, rows, weights, w0 = training_pairs(args.dataset, args.n_edits, args.work_dir, args.model)
     result = {"dataset": args.dataset, "n_edits": args.n_edits, "n_conditions": len(rows), "threads": args.threads,

@@ -42,13 +42,26 @@ def _value(text: str):
         return text
 
 
-def _pairs(text: str, what: str) -> dict:
+def parse_settings(text: str, what: str) -> dict:
+    """"KEY=VALUE,KEY=VALUE" -> {key: value}; ArgumentTypeError naming `what` on a malformed item."""
     out = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise argparse.ArgumentTypeError(f"{what}: expected KEY=VALUE, got {item!r}")
         out[key.strip()] = _value(value.strip())
+    return out
+
+
+def parse_variants(items: list[str], reserved=()) -> dict[str, dict]:
+    """--variant "NAME:KEY=VALUE,..." arguments -> {name: settings}; a malformed, repeated or reserved name
+    raises ArgumentTypeError."""
+    out: dict[str, dict] = {}
+    for v in items:
+        name, sep, settings = v.partition(":")
+        if not sep or not name or name in reserved or name in out:
+            raise argparse.ArgumentTypeError(f"--variant {v!r}: expected a new NAME:KEY=VALUE,...")
+        out[name] = parse_settings(settings, f"--variant {name}")
     return out
 
 
@@ -75,13 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.n_edits < 1:
         p.error("--n-edits must be >= 1")
     try:
-        args.meg_settings = _pairs(",".join(args.set), "--set")
-        args.variants = {}
-        for v in args.variant:
-            name, sep, settings = v.partition(":")
-            if not sep or not name or name in EDITORS or name in args.variants:
-                p.error(f"--variant {v!r}: expected a new NAME:KEY=VALUE,...")
-            args.variants[name] = _pairs(settings, f"--variant {name}")
+        args.meg_settings = parse_settings(",".join(args.set), "--set")
+        args.variants = parse_variants(args.variant, reserved=EDITORS)
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
     return args

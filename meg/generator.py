@@ -592,7 +592,6 @@ class WeightGenerator:
         x0_all = self.normalise(w)  # (N, D)
         cond_all = cond.to(self.device, self.dtype)  # (N, C)
         self._build(dim, cond.shape[1])
-        self._warm_started = init_from is not None
         if init_from is not None:
             self._warm_start(init_from)
 
@@ -602,7 +601,7 @@ class WeightGenerator:
         ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
         data_hash = _data_hash(cond, w, w0)
         if ckpt_dir is not None and resume:
-            state = self._load_checkpoint(ckpt_dir, data_hash, optimizer, rng) or state
+            state = self._load_checkpoint(ckpt_dir, data_hash, optimizer, rng, warm=init_from is not None) or state
         self.history = state["history"]
 
         scheduler = make_scheduler(cfg, "ddpm")
@@ -760,7 +759,7 @@ class WeightGenerator:
             if old.name != name:
                 old.unlink()
 
-    def _load_checkpoint(self, ckpt_dir: Path, data_hash: str, optimizer, rng) -> dict | None:
+    def _load_checkpoint(self, ckpt_dir: Path, data_hash: str, optimizer, rng, warm: bool = False) -> dict | None:
         pointer_path = ckpt_dir / CKPT_POINTER
         if not pointer_path.is_file():
             return None
@@ -769,7 +768,7 @@ class WeightGenerator:
         except ValueError as e:
             raise BundleError(f"{pointer_path}: corrupted checkpoint pointer: {e}") from e
         if pointer.get("data") != data_hash or not self._compatible(pointer.get("config", {})):
-            start = "the warm start" if self._warm_started else "scratch"
+            start = "the warm start" if warm else "scratch"
             warnings.warn(f"{ckpt_dir}: checkpoint is for other data or settings; not resumed, training from {start}")
             return None
         path = ckpt_dir / pointer["file"]

@@ -284,7 +284,8 @@ def test_normalisation_round_trip_and_std_floor():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("denoiser", "unet"), ("patch_size", -1), ("head_width", -2), ("lr_schedule", "step"), ("lr_min_ratio", 1.0), ("token_cond", 1), ("loss_weighting", "snr"), ("cond_noise", -0.1),
+    [("denoiser", "unet"), ("patch_size", -1), ("head_width", -2), ("lr_schedule", "step"), ("lr_min_ratio", 1.0),
+     ("token_cond", 1), ("loss_weighting", "snr"), ("cond_noise", -0.1),
      ("heads", 3), ("cond_dropout", 1.0), ("beta_schedule", "cubic"),
      ("prediction_type", "x"), ("sampler", "euler"), ("lr", -1.0), ("ema_decay", 1.5), ("target_error", 0),
      ("sample_steps", 5000), ("max_steps", 1.5), ("device", "nowhere"), ("dtype", "int8")],
