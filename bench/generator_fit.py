@@ -45,7 +45,7 @@ def training_pairs(dataset: str, n_edits: int, work_dir: Path | None, model: str
     cfg = MegConfig()
     loaded = lm.load_model(model)
     pool = pseudo_pool(edits)
-    bank = template_bank(cfg, pool)
+    bank = template_bank(cfg, pool, edits)
     fitted = fit.fit_edits(loaded, edits, cfg.fit, store_dir=work_dir / "fit" if work_dir else None, bank=bank)
     encoder = encoder_for(cfg, pool)
     cond, rows = generator_pairs(cfg, edits, encoder, bank)

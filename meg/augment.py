@@ -8,8 +8,15 @@ train record and taking connected components gives groups of interchangeable phr
 
 For an edit whose prompt matches a known template, ``TemplateBank.variants`` fills its subject into
 other templates of the same group. Fitting the neuron on these variants as well as on the prompt
-makes it fire on rewordings the edit never states. Only train-split text is read; an edit whose
-template is unknown (most user facts) simply gets no variants.
+makes it fire on rewordings the edit never states. An edit whose template is unknown simply gets
+no variants.
+
+The edit set itself can teach rewordings too: two edits on the same subject whose questions mean
+nearly the same ("What company made {}?" and "Which corporation created {}?", judged by the cosine
+of their templates under the base sentence encoder) state one relation in two ways, so
+``link_same_subject`` links their templates. Only edit prompts and subjects are read, never an
+evaluation paraphrase. A rewording that is itself another edit's prompt with another target is never
+offered: that text belongs to the other edit.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ class TemplateBank:
     def __init__(self) -> None:
         self._edges: dict[str, Counter] = defaultdict(Counter)
         self._groups: list[list[str]] | None = None
+        self._taken: dict[str, set[str]] = defaultdict(set)  # edit prompt -> its targets
 
     def link(self, a: str, b: str) -> None:
         if a != b:
@@ -56,6 +64,33 @@ class TemplateBank:
                 if a and b:
                     bank.link(a, b)
         return bank
+
+    def link_same_subject(self, edits, encode, min_similarity: float) -> int:
+        """Link the templates of edits on one subject whose templates have cosine >= ``min_similarity``.
+
+        ``encode`` maps texts to embeddings (the base sentence encoder). Returns the number of
+        template pairs linked. Every edit prompt is marked as taken by its target (see ``variants``).
+        """
+        for e in edits:
+            self._taken[e.prompt].add(e.target_new)
+        by_subject: dict[str, set[str]] = defaultdict(set)
+        for e in edits:
+            t = template_of(e.prompt, e.subject or "")
+            if t:
+                by_subject[e.subject].add(t)
+        candidates = sorted({(a, b) for ts in by_subject.values() for a in ts for b in ts if a < b})
+        if not candidates:
+            return 0
+        texts = sorted({t for pair in candidates for t in pair})
+        index = {t: i for i, t in enumerate(texts)}
+        emb = encode([t.replace("{}", "it") for t in texts])
+        emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        linked = 0
+        for a, b in candidates:
+            if float(emb[index[a]] @ emb[index[b]]) >= min_similarity:
+                self.link(a, b)
+                linked += 1
+        return linked
 
     def __len__(self) -> int:
         return len(self._edges)
@@ -104,9 +139,13 @@ class TemplateBank:
         group = others[index % len(others)]
         return group[(index // len(others)) % len(group)].replace("{}", subject, 1)
 
-    def variants(self, prompt: str, subject: str | None, n: int) -> list[str]:
-        """Up to ``n`` rewordings of ``prompt``: its template's most frequent partners, subject filled in."""
+    def variants(self, prompt: str, subject: str | None, n: int, target: str | None = None) -> list[str]:
+        """Up to ``n`` rewordings of ``prompt``: its template's most frequent partners, subject filled in.
+
+        Rewordings that are the prompt of an edit with another target than ``target`` are skipped.
+        """
         t = template_of(prompt, subject or "")
         if n <= 0 or t is None:
             return []
-        return [u.replace("{}", subject, 1) for u in self.neighbours(t)[:n]]
+        filled = (u.replace("{}", subject, 1) for u in self.neighbours(t))
+        return [v for v in filled if not (self._taken.get(v, set()) - {target})][:n]

@@ -41,7 +41,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "fit": ("base", "fit"),
     "encoder": ("base.device", "encoder"),
     "router": ("base.device", "encoder.n_pseudo", "router"),
-    "generator": ("base.device", "fit.n_variants", "generator"),
+    "generator": ("base.device", "fit.n_variants", "fit.edit_templates", "generator"),
     "attach": ("base", "fit", "encoder", "router", "generator", "attach"),
     "evaluate": ("base", "evaluate"),
     "promote": ("base", "evaluate.batch_size", "promote"),

@@ -19,6 +19,7 @@ sha256 of every file. ``load`` refuses a bundle whose files or base model do not
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -276,17 +277,30 @@ class MegEditor(evaluate.Editor):
 
 
 def pseudo_pool(edits: "list[EditRequest]") -> list:
-    """Pseudo-edits: CounterFact *train* records sharing no key and no text with the edit set.
+    """Pseudo-edits: CounterFact *train* records sharing no key and no text with any benchmark edit
+    (every record of the CounterFact edit split and of ZsRE, edited or not) nor with this edit set.
 
     They train the encoder and calibrate the router; the evaluated edits never enter either.
+    Excluding every benchmark edit, not only the edited ones, keeps the pool (so the encoder's
+    training pairs and the calibration set) the same when benchmark facts are added to an edit set;
+    only user facts that collide with a train record shrink it.
     """
-    from meg.facts import load_benchmark
-
     keys = {e.content_key for e in edits}
-    texts = {e.prompt for e in edits}
-    return [e for e in load_benchmark("counterfact", "train")
-            if e.content_key not in keys and e.paraphrases and e.locality
-            and not ({e.prompt, e.paraphrases[0], e.locality[0].prompt} & texts)]
+    texts = {t for e in edits for t in (e.prompt, *e.paraphrases)}
+    return [e for e in _benchmark_free_pool()
+            if e.content_key not in keys and not ({e.prompt, e.paraphrases[0], e.locality[0].prompt} & texts)]
+
+
+@functools.lru_cache(maxsize=1)
+def _benchmark_free_pool() -> tuple:
+    from meg.facts import BENCHMARKS, load_benchmark
+
+    edit_sets = [load_benchmark(name, split) for name, split in BENCHMARKS if split != "train"]
+    keys = {e.content_key for es in edit_sets for e in es}
+    texts = {t for es in edit_sets for e in es for t in (e.prompt, *e.paraphrases)}
+    return tuple(e for e in load_benchmark("counterfact", "train")
+                 if e.content_key not in keys and e.paraphrases and e.locality
+                 and not ({e.prompt, e.paraphrases[0], e.locality[0].prompt} & texts))
 
 
 def template_bank_of(edits: "list[EditRequest]"):
@@ -296,12 +310,25 @@ def template_bank_of(edits: "list[EditRequest]"):
     return TemplateBank.from_records(pseudo_pool(edits))
 
 
-def template_bank(cfg: MegConfig, pool: list):
-    """Relation rewordings learned from the pseudo-edits (None when neither fitting nor the generator uses them)."""
+def template_bank(cfg: MegConfig, pool: list, edits: "list[EditRequest]" = ()):
+    """Relation rewordings learned from the pseudo-edits and, with ``fit.edit_templates``, from the
+    edit set's same-subject prompts (None when neither fitting nor the generator uses them)."""
     from meg.augment import TemplateBank
 
-    needed = cfg.fit.n_variants or cfg.fit.n_contexts or cfg.generator_variants
-    return TemplateBank.from_records(pool) if needed else None
+    if not (cfg.fit.n_variants or cfg.fit.n_contexts or cfg.generator_variants):
+        return None
+    bank = TemplateBank.from_records(pool)
+    if edits and cfg.fit.edit_templates > 0:
+        bank.link_same_subject(edits, lambda texts: base_encoder(cfg).encode(texts), cfg.fit.edit_templates)
+    return bank
+
+
+def base_encoder(cfg: MegConfig):
+    """The sentence encoder before fine-tuning (the one ``cfg.encoder`` names)."""
+    from meg.encoder import EncoderConfig, QueryEncoder
+
+    names = {k: cfg.encoder[k] for k in ("model", "max_length") if k in cfg.encoder}
+    return QueryEncoder(EncoderConfig(**names, trainable="none", device=cfg.device))
 
 
 def encoder_for(cfg: MegConfig, pool: list, progress: bool = True, cache_root: Path | None = None):
@@ -373,7 +400,7 @@ def generator_pairs(cfg: MegConfig, edits: "list[EditRequest]", encoder, bank) -
     cond_texts, rows = [e.prompt for e in edits], list(range(len(edits)))
     if cfg.generator_variants and bank is not None:
         for i, e in enumerate(edits):
-            for v in bank.variants(e.prompt, e.subject, cfg.fit.n_variants or 8):
+            for v in bank.variants(e.prompt, e.subject, cfg.fit.n_variants or 8, e.target_new):
                 cond_texts.append(v)
                 rows.append(i)
     return encoder.encode(cond_texts), rows
@@ -397,7 +424,7 @@ def build(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfig,
     """
     timings: dict[str, float] = {}
     pool = pseudo_pool(edits)
-    bank = template_bank(cfg, pool)
+    bank = template_bank(cfg, pool, edits)
 
     t0 = time.time()
     fitted = fit.fit_edits(loaded, edits, cfg.fit, store_dir=work_dir / "fit" if work_dir else None,

@@ -63,6 +63,9 @@ class FitConfig:
     n_variants: int = 0  # rewordings of each prompt from the pseudo-edit template bank (meg.augment), 0 = off
     min_variant_share: float = 1.0  # an edit is done once its prompt and this share of its other rows succeed
     n_contexts: int = 0  # questions on the edit's subject from other relations, fitted to the target too, 0 = off
+    # rewordings learned from the edit set: templates of same-subject edits with at least this cosine under
+    # the base sentence encoder are linked (meg.augment.TemplateBank.link_same_subject); 0 = off
+    edit_templates: float = 0.5
     n_prefixes: int = 0  # random context prefixes per edit (robustness to preceding text), 0 = off
     prefix_tokens: int = 8  # length of each generated prefix
     chunk_size: int = 32  # edits per batch (rows = chunk_size * (1 + n_variants + n_contexts + n_prefixes))
@@ -87,6 +90,7 @@ class FitConfig:
             "min_variant_share": 0 <= self.min_variant_share <= 1,
             "n_prefixes": self.n_prefixes >= 0,
             "n_contexts": self.n_contexts >= 0,
+            "edit_templates": 0 <= self.edit_templates <= 1,
             "prefix_tokens": self.prefix_tokens >= 1,
             "chunk_size": self.chunk_size >= 1,
             "dtype": self.dtype in ("float32", "bfloat16"),
@@ -475,7 +479,7 @@ def fit_edits(
         chunk = todo[start : start + cfg.chunk_size]
         prompts, targets, edit_of_row = [], [], []
         for i, e in enumerate(chunk):
-            rewordings = bank.variants(e.prompt, e.subject, cfg.n_variants) if bank else []
+            rewordings = bank.variants(e.prompt, e.subject, cfg.n_variants, e.target_new) if bank else []
             if bank and cfg.n_contexts:
                 seed = int(e.content_key[:8], 16)  # deterministic per edit, different across edits
                 found = (bank.other_relation(e.prompt, e.subject, seed + j) for j in range(cfg.n_contexts))

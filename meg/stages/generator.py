@@ -108,7 +108,7 @@ def run(view: dict, prepare_dir: Path, fit_dir: Path, encoder_dir: Path, out_dir
     pool = read_edits(Path(prepare_dir) / "pseudo.jsonl")
     meta, tensors = fit_stage.weights_for(fit_dir, edits)
     encoder = QueryEncoder.load(Path(encoder_dir) / "encoder", device=cfg.device)
-    cond, rows = generator_pairs(cfg, edits, encoder, template_bank(cfg, pool))
+    cond, rows = generator_pairs(cfg, edits, encoder, template_bank(cfg, pool, edits))
     weights, w0 = tensors["weights"][rows], tensors["w0"]
     gen_cfg = GeneratorConfig(**{"device": cfg.device, **cfg.generator})
     key = lineage(gen_cfg, Path(encoder_dir) / "encoder", w0, meta["layer"], meta.get("model_hash", ""))

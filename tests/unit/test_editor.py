@@ -120,6 +120,66 @@ def test_pseudo_pool_shares_no_text_with_the_edits():
     texts = {e.prompt for e in edits}
     keys = {e.content_key for e in edits}
     assert pool and all(p.content_key not in keys and p.prompt not in texts for p in pool)
+    kept = {p.content_key for p in pool}
+    removed = [p for p in editor.pseudo_pool([]) if p.content_key not in kept]
+    seen = {t for e in edits for t in (e.prompt, *e.paraphrases)}
+    assert removed and all(p.content_key in keys or {p.prompt, p.paraphrases[0], p.locality[0].prompt} & seen
+                           for p in removed)  # only what collides with the edits leaves the pool
+
+
+def test_pseudo_pool_excludes_every_benchmark_edit_so_adding_them_changes_nothing():
+    """The encoder's pairs and the calibration set stay put when benchmark facts join the edit set."""
+    from meg.facts import BENCHMARKS, load_benchmark
+
+    cf = load_benchmark("counterfact", "edit")
+    pool = editor.pseudo_pool(cf[:100])
+    assert [p.content_key for p in editor.pseudo_pool(cf[:1100])] == [p.content_key for p in pool]
+    assert [p.content_key for p in editor.pseudo_pool(load_benchmark("zsre", "edit"))] == [
+        p.content_key for p in pool]
+    bench_texts = {t for name, split in BENCHMARKS if split != "train"
+                   for e in load_benchmark(name, split) for t in (e.prompt, *e.paraphrases)}
+    assert not any({p.prompt, p.paraphrases[0], p.locality[0].prompt} & bench_texts for p in pool)
+
+
+def _same_subject_edits():
+    from dataclasses import replace
+
+    rows = [("What company made USS Alpha?", "Acme"), ("Which corporation created USS Alpha?", "Acme"),
+            ("Which corporation created USS Beta?", "Bolt"), ("What company made USS Beta?", "Crane"),
+            ("What is the date of birth of Ann Roe?", "1950"), ("What city is Ann Roe from?", "Oslo"),
+            ("What company made USS Gamma?", "Delta")]
+    return [replace(make_edit(i, p, t), subject=p.split(" made ")[-1].split(" created ")[-1].split(" of ")[-1]
+                    .replace(" from?", "").replace("What city is ", "").rstrip("?"))
+            for i, (p, t) in enumerate(rows)]
+
+
+def test_edit_set_templates_link_same_subject_questions_of_one_relation():
+    """Real base encoder: "What company made {}?" ~ "Which corporation created {}?", not date of birth ~ city."""
+    from meg.augment import TemplateBank
+
+    edits = _same_subject_edits()
+    assert [e.subject for e in edits] == ["USS Alpha"] * 2 + ["USS Beta"] * 2 + ["Ann Roe"] * 2 + ["USS Gamma"]
+    bank = TemplateBank()
+    encoder = editor.base_encoder(editor.MegConfig())
+    assert bank.link_same_subject(edits, encoder.encode, 0.5) == 1
+    assert bank.neighbours("What company made {}?") == ["Which corporation created {}?"]
+    assert "What is the date of birth of {}?" not in bank
+    # a subject no other edit names learns the rewording from the others
+    gamma = edits[6]
+    assert bank.variants(gamma.prompt, gamma.subject, 4, gamma.target_new) == ["Which corporation created USS Gamma?"]
+    # a rewording that is another edit's prompt is offered only when that edit has the same target
+    alpha, beta = edits[0], edits[3]
+    assert bank.variants(alpha.prompt, alpha.subject, 4, alpha.target_new) == ["Which corporation created USS Alpha?"]
+    assert bank.variants(beta.prompt, beta.subject, 4, beta.target_new) == []
+    # off below the threshold
+    assert TemplateBank().link_same_subject(edits, encoder.encode, 0.99) == 0
+
+
+def test_template_bank_learns_from_the_edit_set_only_when_asked():
+    edits = _same_subject_edits()
+    on = editor.template_bank(editor.MegConfig(), [], edits)
+    off = editor.template_bank(editor.with_overrides(editor.MegConfig(), {"fit.edit_templates": 0.0}), [], edits)
+    assert "What company made {}?" in on and "What company made {}?" not in off
 
 
 def test_generator_checkpoints_are_kept_apart_per_edit_set_and_settings(tmp_path):
