@@ -19,6 +19,10 @@ class BundleError(MegError):
     """An edit bundle or checkpoint is missing, corrupted, or belongs to another base model."""
 
 
+class StoreError(MegError):
+    """An artifact store cannot be reached, refuses an upload, or does not hold all of it afterwards."""
+
+
 class FactProblem:
     """One problem in a fact file: `FILE:record N: field 'X': reason`."""
 

@@ -10,15 +10,29 @@ Pipeline runs: one MLflow run per stage, nested under the pipeline's run, whose 
 processes find in ``MEG_PARENT_RUN_ID`` (``meg demo`` and the Kubeflow pipeline set it). The edit
 bundle is logged as a pyfunc model (``EditedModelPyfunc``: prompts in, the edited model's answers
 out) carrying the bundle directory as its artifact ``bundle``, and registered by ``Registry``.
+
+Uploads to the artifact store (reports, the bundle model) are retried when the failure may pass by
+itself (store unreachable, connection dropped, 5xx, throttling, files missing after the upload):
+``MEG_STORE_RETRIES`` attempts (default 4) with a wait of ``MEG_STORE_BACKOFF`` seconds (default 5)
+before the second, doubling after each failure. This is on top of botocore's retries of each single
+request (``AWS_MAX_ATTEMPTS``, ``AWS_RETRY_MODE``; left at botocore's defaults), which ride out a
+blip but not a store that is down for longer than a few seconds. A failure that will not pass (no
+bucket, access denied, no credentials) or the last attempt raises StoreError naming the store. A
+bundle is registered only from a logged model whose upload finished (status READY) and whose files
+the store was seen to hold, each at its size: a half-uploaded bundle is never registered.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 EXPERIMENT = "meg"
 _configured: dict[str, str] = {"experiment": EXPERIMENT}
@@ -114,9 +128,9 @@ def log_result(result) -> None:
     for path in result.artifacts:
         path = Path(path)
         if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path=path.name)
+            with_retries(f"uploading {path}", lambda p=path: mlflow.log_artifacts(str(p), artifact_path=p.name))
         elif path.is_file():
-            mlflow.log_artifact(str(path), artifact_path=result.stage)
+            with_retries(f"uploading {path}", lambda p=path: mlflow.log_artifact(str(p), artifact_path=result.stage))
     if result.bundle is not None:
         log_bundle_model(result.bundle)
 
@@ -211,27 +225,185 @@ def _requirements() -> list[str]:
     return out
 
 
-def log_bundle_model(bundle_dir: str | Path, name: str = "meg-bundle") -> str:
-    """Log a bundle as a pyfunc model in the active run; returns the logged model's URI."""
+def log_bundle_model(bundle_dir: str | Path, name: str = "meg-bundle", retries: int | None = None,
+                     backoff: float | None = None) -> str:
+    """Log a bundle as a pyfunc model in the active run; returns the logged model's URI.
+
+    Retried as ``with_retries`` says (each attempt logs a new model; a failed one is left with status
+    FAILED); returns only once the store holds every file of the bundle.
+    """
+    return with_retries(f"uploading the edit bundle {bundle_dir}", lambda: _log_verified(bundle_dir, name),
+                        retries, backoff)
+
+
+def _log_verified(bundle_dir: str | Path, name: str) -> str:
+    """One attempt: log the model, then check the store holds all of it (else mark it FAILED)."""
     import mlflow.pyfunc
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.tracking import MlflowClient
 
     info = mlflow.pyfunc.log_model(
         name=name, python_model=__getattr__("EditedModelPyfunc")(), artifacts={MODEL_ARTIFACT: str(bundle_dir)},
         signature=_signature(), pip_requirements=_requirements(),
         tags={"meg.bundle_sha256": bundle_sha256(bundle_dir)},
     )
+    missing = missing_files(info.model_id, bundle_dir)
+    if missing:
+        MlflowClient().finalize_logged_model(info.model_id, LoggedModelStatus.FAILED)
+        raise IncompleteUpload(f"the store lacks {len(missing)} file(s) of logged model {info.model_id} after "
+                               f"its upload: {', '.join(missing[:3])}")
     return info.model_uri
 
 
-def _find_logged_model(sha: str) -> str | None:
+def missing_files(model_id: str, bundle_dir: str | Path) -> list[str]:
+    """Files of a logged bundle model that its artifact store does not hold, or holds at another size
+    (paths inside the model: ``MLmodel`` and ``artifacts/bundle/...``)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.tracking import MlflowClient
+
+    repo = get_artifact_repository(MlflowClient().get_logged_model(model_id).artifact_location)
+    stored: dict[str, int | None] = {f.path: f.file_size for f in repo.list_artifacts() if not f.is_dir}
+    todo = [f"artifacts/{MODEL_ARTIFACT}"]
+    while todo:
+        for f in repo.list_artifacts(todo.pop()):
+            if f.is_dir:
+                todo.append(f.path)
+            else:
+                stored[f.path] = f.file_size
+    bundle_dir = Path(bundle_dir)
+    want: dict[str, int | None] = {"MLmodel": None}
+    want.update({f"artifacts/{MODEL_ARTIFACT}/{p.relative_to(bundle_dir).as_posix()}": p.stat().st_size
+                 for p in sorted(bundle_dir.rglob("*")) if p.is_file()})
+    return [path for path, size in want.items()
+            if path not in stored or (size is not None and stored[path] is not None and stored[path] != size)]
+
+
+def _find_logged_model(sha: str, bundle_dir: str | Path) -> str | None:
+    """A logged model of this bundle whose upload finished and whose files the store holds, newest first."""
     import mlflow
+    from mlflow.entities import LoggedModelStatus
 
     try:
         found = mlflow.search_logged_models(filter_string=f"tags.`meg.bundle_sha256` = '{sha}'",
-                                            output_format="list", max_results=1)
+                                            order_by=[{"field_name": "creation_time", "ascending": False}],
+                                            output_format="list")
     except Exception:  # older stores without logged-model search: log the model again
         return None
-    return f"models:/{found[0].model_id}" if found else None
+    for model in found:
+        if model.status == LoggedModelStatus.READY and not missing_files(model.model_id, bundle_dir):
+            return f"models:/{model.model_id}"
+    return None
+
+
+# -------------------------------------------------------------------------------- uploads
+
+RETRIES_ENV = "MEG_STORE_RETRIES"  # attempts of one upload to the artifact store
+BACKOFF_ENV = "MEG_STORE_BACKOFF"  # seconds before the second attempt, doubling after each failure
+DEFAULT_RETRIES, DEFAULT_BACKOFF = 4, 5.0
+_SLOW_DOWN = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
+              "InternalError"}
+
+
+class IncompleteUpload(Exception):
+    """An upload that returned without error, after which the store does not hold all of it."""
+
+
+def store_retries() -> tuple[int, float]:
+    """(attempts, first wait in seconds) of an upload: ``MEG_STORE_RETRIES``, ``MEG_STORE_BACKOFF``."""
+    from meg.errors import ConfigError
+
+    try:
+        attempts = int(os.environ.get(RETRIES_ENV, DEFAULT_RETRIES))
+        backoff = float(os.environ.get(BACKOFF_ENV, DEFAULT_BACKOFF))
+    except ValueError as e:
+        raise ConfigError(f"{RETRIES_ENV}, {BACKOFF_ENV}: not a number: {e}") from None
+    if attempts < 1 or not backoff >= 0:
+        raise ConfigError(f"{RETRIES_ENV} must be at least 1 and {BACKOFF_ENV} at least 0; "
+                          f"got {attempts} and {backoff}")
+    return attempts, backoff
+
+
+def store_failure(error: BaseException) -> str | None:
+    """How an exception (or one it was raised from) failed the artifact store: "transient" (may pass:
+    unreachable, connection dropped or timed out, 5xx, throttled, incomplete upload), "permanent"
+    (will not pass by itself: no bucket, access denied, no credentials, ...), or None (not the store)."""
+    transient: tuple[type, ...] = (IncompleteUpload, ConnectionError, TimeoutError)
+    permanent: tuple[type, ...] = ()
+    try:
+        import requests
+
+        transient += (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+    except ImportError:
+        pass
+    try:
+        from botocore import exceptions as boto
+
+        transient += (boto.ConnectionError, boto.HTTPClientError)
+        permanent += (boto.BotoCoreError, boto.ClientError)
+    except ImportError:
+        boto = None
+    kind = None
+    chain: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and not any(e is seen for seen in chain):
+        chain.append(e)
+        if isinstance(e, transient):
+            return "transient"
+        if boto is not None and isinstance(e, boto.ClientError):
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if status >= 500 or e.response.get("Error", {}).get("Code") in _SLOW_DOWN:
+                return "transient"
+        if isinstance(e, permanent):
+            kind = "permanent"
+        e = e.__cause__ or e.__context__
+    return kind
+
+
+def artifact_store() -> str:
+    """Where this process's artifacts go: the experiment's artifact location, and the S3 endpoint if set."""
+    import mlflow
+
+    try:
+        active = mlflow.active_run()
+        experiment = (mlflow.get_experiment(active.info.experiment_id) if active
+                      else mlflow.get_experiment_by_name(_configured["experiment"]))
+        location = experiment.artifact_location
+    except Exception:  # only for an error message: the tracking store may be failing too
+        location = "(unknown artifact location)"
+    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    return f"{location} (endpoint {endpoint})" if endpoint and location.startswith("s3") else location
+
+
+def with_retries(what: str, attempt: Callable[[], T], retries: int | None = None,
+                 backoff: float | None = None) -> T:
+    """``attempt()``, again after a failure of the artifact store that may pass, waiting ``backoff``
+    seconds before the second attempt and twice as long before each next (defaults: ``store_retries``).
+
+    A store failure that will not pass, or the last one, raises StoreError naming the store, what
+    failed, the number of attempts and the cause; other errors pass through unchanged.
+    """
+    from meg.errors import StoreError
+
+    default_attempts, default_backoff = store_retries()
+    attempts = default_attempts if retries is None else max(1, retries)
+    wait = default_backoff if backoff is None else backoff
+    n = 0
+    while True:
+        n += 1
+        try:
+            return attempt()
+        except Exception as e:
+            kind = store_failure(e)
+            if kind is None:
+                raise
+            reason = f"{type(e).__name__}: {e}"
+            if kind == "permanent" or n >= attempts:
+                tries = f" after {n} attempts" if n > 1 else ""
+                raise StoreError(f"artifact store {artifact_store()}: {what} failed{tries}: {reason}") from e
+            delay = wait * 2 ** (n - 1)
+            print(f"meg: {what}: attempt {n} of {attempts} failed ({reason}); retrying in {delay:.1f} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(delay)
 
 
 # -------------------------------------------------------------------------------- the registry
@@ -258,7 +430,9 @@ class Registry:
     def register(self, bundle_dir: str | Path, tags: dict[str, str]) -> tuple[str, bool]:
         """(version, new): the bundle's version, registering it (logging it first if needed) when new.
 
-        The same bundle is registered once, however often promotion runs.
+        The same bundle is registered once, however often promotion runs. The version is created
+        only from a logged model whose upload finished and whose files the store holds (an earlier
+        one, or one uploaded now with retries); otherwise StoreError, and no version.
         """
         import mlflow
 
@@ -267,7 +441,8 @@ class Registry:
         if existing is not None:
             self.set_tags(existing, tags)
             return existing, False
-        uri = _find_logged_model(sha) or log_bundle_model(bundle_dir)
+        uri = with_retries(f"uploading the edit bundle {bundle_dir} to register it as {self.name}",
+                           lambda: _find_logged_model(sha, bundle_dir) or _log_verified(bundle_dir, "meg-bundle"))
         mv = mlflow.register_model(uri, self.name, tags={"meg.bundle_sha256": sha, **tags})
         return str(mv.version), True
 
@@ -352,9 +527,10 @@ def log_metrics(metrics: dict, step: int | None = None) -> None:
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    """Upload one file into the active run's artifacts (retried as ``with_retries`` says)."""
     import mlflow
 
-    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+    with_retries(f"uploading {path}", lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path))
 
 
 def download_bundle(model_uri: str, dst: Path) -> Path:

@@ -93,7 +93,8 @@ def test_the_alias_moves_only_to_better_candidates_and_stays_unique(ws):
     assert first["promoted"] and first["candidate_version"] == "1"
     reg = registry(ws)
     v1 = reg.client.get_model_version(NAME, "1")
-    logged = tracking._find_logged_model(tracking.bundle_sha256(ws / "artifacts" / "attach" / "bundle"))
+    bundle = ws / "artifacts" / "attach" / "bundle"
+    logged = tracking._find_logged_model(tracking.bundle_sha256(bundle), bundle)
     assert logged and v1.source == logged  # the model attach logged, not a second copy
 
     again = promote(ws)  # same bundle: the same version, no new registration

@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CATEGORIES = ("bad fact file", "contradictory facts", "interruption", "corrupted checkpoint",
-              "concurrent promotion", "failing registry", "failing store", "wrong base model")
+              "concurrent promotion", "failing registry", "failing store", "S3 outage", "wrong base model")
 LIMITS = """\
 ## Known limits
 
@@ -31,6 +31,15 @@ LIMITS = """\
 * The promotion lock is a file lock beside a SQLite store: it serialises promotions on one machine.
   A remote tracking server offers no compare-and-set on aliases, so there two promotions racing can
   still both move the alias (the last one wins).
+* A bundle is registered only after the store was seen to hold each of its files at its size (not
+  its sha256: that would mean downloading it again). Nothing checks a registered version's files
+  afterwards: a store that loses them later (an in-memory S3 restarted) leaves a version that cannot
+  be downloaded. Each failed upload attempt leaves a logged model with status FAILED.
+* meg never runs `dvc push` and does not retry it: a failed push leaves the DVC cache and workspace
+  as they were, and rerunning it completes it. DVC asks the remote which objects it holds, so a
+  remote that lost objects, or restarted empty, gets all of them again.
+* Retries multiply: with botocore's default of 5 attempts per request (legacy mode), each of meg's
+  attempts against a dead endpoint takes about 7 s (jittered, at most 15 s) before meg's own backoff.
 """
 
 
@@ -64,15 +73,18 @@ def render(rows: list[dict]) -> str:
     return f"""# Reliability: faults and bad input
 
 What happens when the input is bad, a process is killed, facts contradict each other, promotions
-race or the registry fails half-way. Each row is a fault the tests in `tests/reliability/` inject,
-the handling they check, how many cases they tried (examples for the property-based rows) and the
-outcome of the last run: {len(rows)} tests, {n_cases} cases, {n_failed} not passed.
+race, the registry fails half-way or S3 goes down during `dvc push` or an upload to MLflow. Each
+row is a fault the tests in `tests/reliability/` inject, the handling they check, how many cases
+they tried (examples for the property-based rows) and the outcome of the last run: {len(rows)} tests,
+{n_cases} cases, {n_failed} not passed.
 
 Regenerate with `python -m tests.reliability.report` (it runs the tests).
 
 Error messages name the file, the record and the field (`FILE:record N: field 'X': reason`); the
 normalisations that are applied instead of an error are listed in the `meg.facts` module docstring.
-A refused file leaves the fact store byte for byte unchanged.
+A refused file leaves the fact store byte for byte unchanged. An upload to the MLflow artifact
+store that fails ends in StoreError naming the store and its endpoint, after retries with
+exponential backoff when the failure may pass (`MEG_STORE_RETRIES`, `MEG_STORE_BACKOFF`).
 
 {table(rows)}
 
