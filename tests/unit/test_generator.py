@@ -336,3 +336,12 @@ def test_rank_error_analysis_of_the_capacity_benchmark():
     errors = rank_errors(w0 + 3.0 + low, w0)
     assert errors[64] > 0.1 and errors[128] < 1e-6  # exact from the true rank on, not below it
     assert list(errors) == [64, 128, 256]
+
+
+def test_a_warm_started_run_is_capped_at_a_quarter_of_max_steps_unless_set():
+    from meg.stages.generator import warm_step_cap
+
+    assert warm_step_cap(None, 400) == 100
+    assert warm_step_cap(None, 3000) == 750
+    assert warm_step_cap(None, 5) == 2 and warm_step_cap(None, 1) == 1
+    assert warm_step_cap(6, 400) == 6
