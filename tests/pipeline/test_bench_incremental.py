@@ -8,8 +8,10 @@ import json
 from tests.pipeline.conftest import small_params, write_params
 
 
-def test_adding_benchmark_facts_keeps_the_encoder_and_fits_only_the_new(tmp_path, tiny_model_dir, capsys):
+def test_adding_benchmark_facts_keeps_the_encoder_and_fits_only_the_new(tmp_path, tiny_model_dir, capsys, monkeypatch):
     from bench import incremental
+
+    monkeypatch.setenv("MEG_TRACKING", "off")  # the benchmark turns tracking off; restored after the test
 
     params_path = write_params(tmp_path, small_params(tiny_model_dir))
     out = tmp_path / "incremental.json"
