@@ -71,10 +71,9 @@ class TemplateBank:
         ``encode`` maps texts to embeddings (the base sentence encoder). Returns the number of
         template pairs linked. Every edit prompt is marked as taken by its target (see ``variants``).
         """
-        for e in edits:
-            self._taken[e.prompt].add(e.target_new)
         by_subject: dict[str, set[str]] = defaultdict(set)
         for e in edits:
+            self._taken[e.prompt].add(e.target_new)
             t = template_of(e.prompt, e.subject or "")
             if t:
                 by_subject[e.subject].add(t)

@@ -285,22 +285,28 @@ def pseudo_pool(edits: "list[EditRequest]") -> list:
     training pairs and the calibration set) the same when benchmark facts are added to an edit set;
     only user facts that collide with a train record shrink it.
     """
-    keys = {e.content_key for e in edits}
-    texts = {t for e in edits for t in (e.prompt, *e.paraphrases)}
-    return [e for e in _benchmark_free_pool()
-            if e.content_key not in keys and not ({e.prompt, e.paraphrases[0], e.locality[0].prompt} & texts)]
+    keys, texts = _keys_and_texts(edits)
+    return [e for e in _benchmark_free_pool() if not _collides(e, keys, texts)]
 
 
 @functools.lru_cache(maxsize=1)
 def _benchmark_free_pool() -> tuple:
     from meg.facts import BENCHMARKS, load_benchmark
 
-    edit_sets = [load_benchmark(name, split) for name, split in BENCHMARKS if split != "train"]
-    keys = {e.content_key for es in edit_sets for e in es}
-    texts = {t for es in edit_sets for e in es for t in (e.prompt, *e.paraphrases)}
+    keys, texts = _keys_and_texts([e for name, split in BENCHMARKS if split != "train"
+                                   for e in load_benchmark(name, split)])
     return tuple(e for e in load_benchmark("counterfact", "train")
-                 if e.content_key not in keys and e.paraphrases and e.locality
-                 and not ({e.prompt, e.paraphrases[0], e.locality[0].prompt} & texts))
+                 if e.paraphrases and e.locality and not _collides(e, keys, texts))
+
+
+def _keys_and_texts(edits) -> tuple[set[str], set[str]]:
+    """Content keys, and prompts and paraphrases, of edits: what a pseudo-edit must not share."""
+    return {e.content_key for e in edits}, {t for e in edits for t in (e.prompt, *e.paraphrases)}
+
+
+def _collides(record, keys: set[str], texts: set[str]) -> bool:
+    return record.content_key in keys or bool({record.prompt, record.paraphrases[0],
+                                               record.locality[0].prompt} & texts)
 
 
 def template_bank_of(edits: "list[EditRequest]"):

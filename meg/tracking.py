@@ -130,7 +130,7 @@ def log_result(result) -> None:
         if path.is_dir():
             with_retries(f"uploading {path}", lambda p=path: mlflow.log_artifacts(str(p), artifact_path=p.name))
         elif path.is_file():
-            with_retries(f"uploading {path}", lambda p=path: mlflow.log_artifact(str(p), artifact_path=result.stage))
+            log_artifact(path, artifact_path=result.stage)
     if result.bundle is not None:
         log_bundle_model(result.bundle)
 
