@@ -1,0 +1,114 @@
+"""Contradicting siblings in an edit set, and how a method's generality splits over them.
+
+    python -m bench.siblings --dataset zsre --n-edits 1037 --records OUT.records.jsonl --out SIB.json
+
+Two edits are *contradicting siblings* when they share a subject and differ in their new target
+("What company made USS Leedstown?" -> A, "Which corporation created USS Leedstown?" -> B). For
+such an edit, a paraphrase is *ambiguous* when it is at least as close to a sibling's prompt as to
+its own prompt under the base sentence encoder (all-MiniLM-L6-v2 as shipped, not the tuned one), or
+is a sibling's prompt word for word: any router that sends a question to the edit it most resembles
+then answers it with the sibling's target, and a method that answers it with the edit's own target
+contradicts the sibling's fact.
+
+This reads the evaluation paraphrases, so it is an analysis of results, never an input of a build.
+With ``--records`` (per-edit outputs of ``bench.quality``), Rel / Gen AG of every method are given
+separately for edits without a sibling, with a sibling, and with an ambiguous paraphrase.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first torch import
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from meg import facts
+from meg.editor import MegConfig, base_encoder
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def classify(edits: list, encode) -> list[str]:
+    """Per edit: "alone" (no contradicting sibling), "sibling" or "ambiguous" (see the module doc)."""
+    by_subject: dict[str, list[int]] = defaultdict(list)
+    for i, e in enumerate(edits):
+        if e.subject:
+            by_subject[_norm(e.subject)].append(i)
+    siblings = [[j for j in by_subject.get(_norm(e.subject or ""), []) if j != i
+                 and _norm(edits[j].target_new) != _norm(e.target_new)] for i, e in enumerate(edits)]
+    need = [i for i, s in enumerate(siblings) if s and edits[i].paraphrases]
+    prompts = torch.nn.functional.normalize(encode([e.prompt for e in edits]), dim=1)
+    para = torch.nn.functional.normalize(encode([edits[i].paraphrases[0] for i in need]), dim=1) if need else None
+    kind = ["sibling" if s else "alone" for s in siblings]
+    for row, i in enumerate(need):
+        p = edits[i].paraphrases[0]
+        own = float(para[row] @ prompts[i])
+        near = max(float(para[row] @ prompts[j]) for j in siblings[i])
+        if near >= own or any(_norm(p) == _norm(edits[j].prompt) for j in siblings[i]):
+            kind[i] = "ambiguous"
+    return kind
+
+
+def split_metrics(kind: list[str], edits: list, records: Path) -> dict:
+    """{method: {group: {"n", "rel_ag", "gen_ag"}}} from a bench.quality records file."""
+    group_of = {e.id: k for e, k in zip(edits, kind)}
+    sums: dict = defaultdict(lambda: defaultdict(lambda: [0, 0, 0]))
+    with records.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+                method, rid, rel, gen = r["method"], r["id"], r["rel_ag"], r["gen_ag"]
+            except (ValueError, KeyError) as e:
+                raise SystemExit(f"{records}: record {n}: not a bench.quality record ({e})")
+            if rid not in group_of:
+                continue
+            for g in (group_of[rid], "all"):
+                s = sums[method][g]
+                s[0] += 1
+                s[1] += bool(rel)
+                s[2] += bool(gen)
+    return {m: {g: {"n": s[0], "rel_ag": round(100 * s[1] / s[0], 1), "gen_ag": round(100 * s[2] / s[0], 1)}
+                for g, s in groups.items()} for m, groups in sums.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", choices=["counterfact", "zsre"])
+    src.add_argument("--facts", type=Path)
+    p.add_argument("--n-edits", type=int, default=None)
+    p.add_argument("--records", type=Path, default=None, help="per-edit outputs of bench.quality")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    edits = facts.load_benchmark(args.dataset, "edit") if args.dataset else facts.read_facts(args.facts)
+    edits = edits[: args.n_edits] if args.n_edits else edits
+    kind = classify(edits, base_encoder(MegConfig()).encode)
+    counts = {k: kind.count(k) for k in ("alone", "sibling", "ambiguous")}
+    result = {"source": args.dataset or str(args.facts), "n_edits": len(edits), "groups": counts}
+    print(f"{len(edits)} edits: {counts['alone']} without a contradicting sibling, {counts['sibling']} with one, "
+          f"{counts['ambiguous']} whose paraphrase is at least as close to a sibling's prompt")
+    if args.records:
+        result["methods"] = split_metrics(kind, edits, args.records)
+        print(f"{'method':<16} {'group':<10} {'n':>5} {'Rel AG':>7} {'Gen AG':>7}")
+        for m, groups in result["methods"].items():
+            for g in ("alone", "sibling", "ambiguous", "all"):
+                if g in groups:
+                    s = groups[g]
+                    print(f"{m:<16} {g:<10} {s['n']:>5} {s['rel_ag']:>7.1f} {s['gen_ag']:>7.1f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
