@@ -148,12 +148,12 @@ def measure(model, questions: list[str], variants: dict[str, AnswerConfig], repe
                     w = torch.zeros(1, model.w0.numel())
                     if mask.any():
                         routed_any = True
-                        w[0] = model.generator.sample(emb, seed=model.cfg.sample_seed)[0]
+                        w[0] = model.generator.sample(model.conditions([q], emb), seed=model.cfg.sample_seed)[0]
                     got["sample"] = clock.lap()
                     generate(q, w, mask)
                     got["generate"] = clock.lap()
                     if mlp is not None and mask.any():
-                        mlp.sample(emb)
+                        mlp.sample(model.conditions([q], emb))
                         got["mlp_sample"] = clock.lap()
                     continue
                 got[name] = clock.lap()

@@ -17,6 +17,7 @@ Mapping to the library's ``MegConfig`` (``meg_config``):
     router.kind                -> MegConfig.router;     router.n_pseudo    -> n_pseudo_calibration
     router.* (others)          -> router_options (RouterConfig)
     generator.weights          -> weights;              generator.variants -> generator_variants
+    generator.condition        -> generator_condition
     generator.* (others but warm_*)   -> MegConfig.generator (GeneratorConfig)
     attach.sample_seed         -> sample_seed;          base.device        -> every device field
 """
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from meg.errors import ConfigError
+
+CONDITIONS = ("tuned", "tuned+base")  # what the weight generator is conditioned on (meg.editor.MegConfig)
 
 STAGES = ("prepare", "fit", "encoder", "router", "generator", "attach", "evaluate", "promote")
 
@@ -139,11 +142,13 @@ _EXTRA_KEYS: dict[str, dict[str, Any]] = {
     "encoder": {"n_pseudo": 5000},  # train-split pseudo-edits the encoder is fine-tuned on
     "router": {"kind": "nearest", "n_pseudo": 2000},  # router kind; held-out pseudo-edits for its threshold
     # weights: "generator" (MeG) or "lookup"; variants: also train on rewordings; warm_start: start from the
-    # previous generator when facts were added; warm_max_steps: step cap of such a run (null: a quarter of max_steps)
-    "generator": {"weights": "generator", "variants": True, "warm_start": True, "warm_max_steps": None},
+    # previous generator when facts were added; warm_max_steps: step cap of such a run (null: a quarter of max_steps);
+    # condition: what the generator is conditioned on ("tuned" encoder embedding, or "tuned+base": with the base one)
+    "generator": {"weights": "generator", "variants": True, "condition": "tuned+base", "warm_start": True,
+                  "warm_max_steps": None},
 }
-_EXTRA_TYPES: dict[str, Any] = {"n_pseudo": int, "kind": str, "weights": str, "variants": bool, "warm_start": bool,
-                                "warm_max_steps": int | None}
+_EXTRA_TYPES: dict[str, Any] = {"n_pseudo": int, "kind": str, "weights": str, "variants": bool, "condition": str,
+                                "warm_start": bool, "warm_max_steps": int | None}
 
 
 def _library_classes() -> dict[str, type]:
@@ -186,7 +191,7 @@ def default_params() -> dict[str, dict[str, Any]]:
             extra.update(kind=meg.router, n_pseudo=meg.n_pseudo_calibration)
             values.update(meg.router_options)
         elif section == "generator":
-            extra.update(weights=meg.weights, variants=meg.generator_variants)
+            extra.update(weights=meg.weights, variants=meg.generator_variants, condition=meg.generator_condition)
             values.update(meg.generator)
         elif section == "attach":
             values["sample_seed"] = meg.sample_seed
@@ -243,6 +248,9 @@ def _check_section(where: str, section: str, values: Any) -> None:
         raise ConfigError(f"{where}: {section}: missing key '{key}'")
     if section == "generator" and values["weights"] not in ("generator", "lookup"):
         raise ConfigError(f"{where}: generator: bad value for 'weights': {values['weights']!r} (generator | lookup)")
+    if section == "generator" and values["condition"] not in CONDITIONS:
+        raise ConfigError(f"{where}: generator: bad value for 'condition': {values['condition']!r} "
+                          f"({' | '.join(CONDITIONS)})")
     if section == "router" and values["kind"] not in ("nearest", "familiarity", "off"):
         raise ConfigError(f"{where}: router: bad value for 'kind': {values['kind']!r} (nearest | familiarity | off)")
     for key in ("n_pseudo", "warm_max_steps"):
@@ -347,6 +355,8 @@ def meg_config(view: dict):
         kw["weights"] = gen.pop("weights")
     if "variants" in gen:
         kw["generator_variants"] = gen.pop("variants")
+    if "condition" in gen:
+        kw["generator_condition"] = gen.pop("condition")
     gen.pop("warm_start", None)
     gen.pop("warm_max_steps", None)
     kw["generator"] = {**defaults.generator, **gen}

@@ -121,6 +121,10 @@ class GeneratorConfig:
     # training: each condition is jittered to normalise(c + s * g), g ~ N(0, I / C), s ~ U(0, cond_noise), so that
     # conditions near an edit's (paraphrases) map to that edit's weights; cosine to c >= 1 / sqrt(1 + cond_noise^2)
     cond_noise: float = 0.5
+    # ... and at most this fraction of the distance from c to the nearest training condition mapped to other weights
+    # (0 = no such limit), so that close conditions of different edits (questions on one subject with different
+    # answers) stay apart while an isolated edit keeps the full jitter
+    cond_noise_gap: float = 0.5
     guidance_scale: float = 1.0  # sampling: classifier-free guidance scale s; 1.0 = plain conditional model (off)
     # --- noise process (diffusers scheduler arguments; saved with the model)
     num_train_timesteps: int = 1000  # diffusion steps of the training process
@@ -200,7 +204,7 @@ class GeneratorConfig:
         for name in ("mlp_ratio", "lr", "target_error", "min_snr_gamma"):
             if not is_num(getattr(self, name)) or getattr(self, name) <= 0:
                 raise bad(name, "a number > 0")
-        for name in ("weight_decay", "grad_clip", "guidance_scale", "std_floor", "cond_noise"):
+        for name in ("weight_decay", "grad_clip", "guidance_scale", "std_floor", "cond_noise", "cond_noise_gap"):
             if not is_num(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "a number >= 0")
         for name in ("cond_dropout", "ema_decay", "lr_min_ratio"):
@@ -505,6 +509,24 @@ def _data_hash(cond: torch.Tensor, w: torch.Tensor, w0: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def jitter_radius(cond: torch.Tensor, w: torch.Tensor, noise: float, gap: float, chunk: int = 4096) -> torch.Tensor:
+    """(N,) the training jitter's largest size per condition: ``noise``, and with ``gap`` > 0 at most ``gap``
+    times the distance from the (unit) condition to the nearest condition whose target weights differ."""
+    n = cond.shape[0]
+    radius = torch.full((n,), float(noise))
+    if gap <= 0 or noise <= 0 or n < 2:
+        return radius
+    c = F.normalize(cond.float(), dim=-1)
+    _, group = torch.unique(w, dim=0, return_inverse=True)  # (N,) conditions sharing target weights
+    for start in range(0, n, chunk):
+        sim = c[start : start + chunk] @ c.T  # (B, N)
+        sim[group[start : start + chunk, None] == group[None, :]] = -1.0
+        nearest = sim.max(dim=1).values.clamp(-1.0, 1.0)
+        dist = (2 - 2 * nearest).clamp(min=0).sqrt()  # distance between unit vectors
+        radius[start : start + chunk] = torch.minimum(radius[start : start + chunk], gap * dist)
+    return radius
+
+
 class WeightGenerator:
     """Learns p(w | c) from (condition, fitted weights) pairs and samples full neuron weights w."""
 
@@ -591,6 +613,7 @@ class WeightGenerator:
         self._set_stats(w, w0)
         x0_all = self.normalise(w)  # (N, D)
         cond_all = cond.to(self.device, self.dtype)  # (N, C)
+        radius = jitter_radius(cond, w, cfg.cond_noise, cfg.cond_noise_gap)  # (N,)
         self._build(dim, cond.shape[1])
         if init_from is not None:
             self._warm_start(init_from)
@@ -613,7 +636,7 @@ class WeightGenerator:
         bar = _progress_bar(cfg.max_steps, step, progress)
         self.model.train()
         while step < cfg.max_steps and not done:
-            loss = self._train_step(scheduler, optimizer, rng, x0_all, cond_all, step)
+            loss = self._train_step(scheduler, optimizer, rng, x0_all, cond_all, radius, step)
             step += 1
             state["loss_sum"] += loss
             state["loss_count"] += 1
@@ -657,7 +680,7 @@ class WeightGenerator:
         low = cfg.lr_min_ratio
         return cfg.lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    def _train_step(self, scheduler, optimizer, rng, x0_all, cond_all, step: int) -> float:
+    def _train_step(self, scheduler, optimizer, rng, x0_all, cond_all, radius, step: int) -> float:
         cfg = self.config
         n = x0_all.shape[0]
         if cfg.batch_size < n:
@@ -673,7 +696,7 @@ class WeightGenerator:
         if cfg.cond_noise > 0:
             c_dim = cond.shape[1]
             direction = torch.randn(b, c_dim, generator=rng)  # (B, C)
-            jitter = direction * torch.rand(b, 1, generator=rng) * cfg.cond_noise / c_dim**0.5  # (B, C)
+            jitter = direction * torch.rand(b, 1, generator=rng) * radius[idx.cpu(), None] / c_dim**0.5  # (B, C)
             cond = F.normalize(cond + jitter.to(self.device, self.dtype), dim=1)  # (B, C)
         xt = scheduler.add_noise(x0, noise, t)  # (B, D)
         if cfg.prediction_type == "v_prediction":

@@ -46,8 +46,8 @@ def test_defaults_validate_and_rebuild_megconfig():
     assert EncoderConfig(**got.encoder) == EncoderConfig(**want.encoder)
     assert RouterConfig(kind=got.router, **got.router_options) == RouterConfig(kind=want.router, **want.router_options)
     assert GeneratorConfig(**got.generator) == GeneratorConfig(**want.generator)
-    for name in ("fit", "weights", "generator_variants", "n_pseudo_encoder", "n_pseudo_calibration", "sample_seed",
-                 "device", "router"):
+    for name in ("fit", "weights", "generator_variants", "generator_condition", "n_pseudo_encoder",
+                 "n_pseudo_calibration", "sample_seed", "device", "router"):
         assert getattr(got, name) == getattr(want, name), name
 
 
@@ -59,6 +59,7 @@ def test_defaults_validate_and_rebuild_megconfig():
     ("generator", "max_steps", 2.5, "generator: bad value for 'max_steps'"),
     ("generator", "sampler", "euler", "generator: bad value for 'sampler'"),
     ("generator", "weights", "table", "generator: bad value for 'weights'"),
+    ("generator", "condition", "base", "generator: bad value for 'condition'"),
     ("generator", "warm_max_steps", 0, "generator: bad value for 'warm_max_steps'"),
     ("encoder", "trainable", "some", "encoder: bad value for 'trainable'"),
     ("router", "kind", "oracle", "router: bad value for 'kind'"),

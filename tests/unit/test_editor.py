@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from meg import editor, evaluate, lm
-from meg.errors import BundleError
+from meg.errors import BundleError, ConfigError
 from tests.conftest import make_edit
 
 EDITS = [
@@ -94,6 +94,28 @@ def test_save_load_round_trip_gives_the_same_answers(built, tiny_models, tmp_pat
     assert loaded.generate(prompts, 4) == before
 
 
+def test_generator_conditions_join_the_base_encoder(built, tmp_path):
+    """generator_condition "tuned+base" (the default): the tuned and the base embedding side by side, kept in the bundle."""
+    model, edits = built
+    prompts = [e.prompt for e in edits]
+    emb, _, _, _ = model.route(prompts)
+    cond = model.conditions(prompts, emb)
+    base = model.cond_encoder.encode(prompts)
+    assert cond.shape == (len(edits), emb.shape[1] + base.shape[1])
+    assert torch.allclose(cond.norm(dim=1), torch.ones(len(edits)), atol=1e-5)
+    half = torch.nn.functional.normalize(emb, dim=1) / 2**0.5
+    assert torch.allclose(cond[:, : emb.shape[1]], half, atol=1e-5)
+    assert torch.allclose(model.edit_conditions(), cond, atol=1e-4)
+    bundle = model.save(tmp_path / "bundle")
+    assert (bundle / "cond_encoder").is_dir()
+    tuned = editor.with_overrides(model.cfg, {"generator_condition": "tuned"})
+    assert editor.condition_encoder(tuned) is None
+    plain, rows = editor.generator_pairs(tuned, edits, model.encoder, None)
+    assert rows == list(range(len(edits))) and torch.equal(plain, model.encoder.encode(prompts))
+    with pytest.raises(ConfigError, match="generator_condition"):
+        editor.with_overrides(model.cfg, {"generator_condition": "base"})
+
+
 def test_load_refuses_another_base_model(built, tiny_models, tmp_path):
     model, _ = built
     model.save(tmp_path / "bundle")
@@ -173,6 +195,24 @@ def test_edit_set_templates_link_same_subject_questions_of_one_relation():
     assert bank.variants(beta.prompt, beta.subject, 4, beta.target_new) == []
     # off below the threshold
     assert TemplateBank().link_same_subject(edits, encoder.encode, 0.99) == 0
+
+
+def test_generator_pairs_give_each_condition_one_edit(built):
+    """A rewording that is another edit's prompt, or that edits with different targets share, is no condition."""
+    from meg.augment import TemplateBank
+
+    model, _ = built
+    edits = _same_subject_edits()[:4]  # USS Alpha: one target twice; USS Beta: two targets
+    bank = TemplateBank()
+    for a, b in (("What company made {}?", "Which corporation created {}?"), ("What company made {}?", "Who built {}?"),
+                 ("Which corporation created {}?", "Who built {}?")):
+        bank.link(a, b)
+    cfg = editor.with_overrides(model.cfg, {"generator_variants": True, "generator_condition": "tuned"})
+    cond, rows = editor.generator_pairs(cfg, edits, model.encoder, bank)
+    # Alpha's edits reword each other (taken as prompts); "Who built USS Alpha?" goes to the first of them;
+    # "Who built USS Beta?" would map to Bolt and to Crane, so it is left out
+    assert rows == [0, 1, 2, 3, 0]
+    assert torch.allclose(cond[4], model.encoder.encode(["Who built USS Alpha?"])[0], atol=1e-5)
 
 
 def test_template_bank_learns_from_the_edit_set_only_when_asked():

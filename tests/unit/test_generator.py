@@ -9,6 +9,7 @@ from meg.generator import (
     MLPDenoiser,
     PRESETS,
     WeightGenerator,
+    jitter_radius,
     relative_errors,
 )
 
@@ -285,7 +286,7 @@ def test_normalisation_round_trip_and_std_floor():
 @pytest.mark.parametrize(
     "field, value",
     [("denoiser", "unet"), ("patch_size", -1), ("head_width", -2), ("lr_schedule", "step"), ("lr_min_ratio", 1.0),
-     ("token_cond", 1), ("loss_weighting", "snr"), ("cond_noise", -0.1),
+     ("token_cond", 1), ("loss_weighting", "snr"), ("cond_noise", -0.1), ("cond_noise_gap", -1),
      ("heads", 3), ("cond_dropout", 1.0), ("beta_schedule", "cubic"),
      ("prediction_type", "x"), ("sampler", "euler"), ("lr", -1.0), ("ema_decay", 1.5), ("target_error", 0),
      ("sample_steps", 5000), ("max_steps", 1.5), ("device", "nowhere"), ("dtype", "int8")],
@@ -293,6 +294,21 @@ def test_normalisation_round_trip_and_std_floor():
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ConfigError, match=f"'{field}'"):
         GeneratorConfig(**{field: value})
+
+
+def test_jitter_radius_stays_within_the_gap_to_other_edits():
+    """Close conditions of different edits jitter less than half their distance; lone ones the full noise."""
+    base = F.normalize(torch.randn(3, C, generator=torch.Generator().manual_seed(0)), dim=1)
+    close = F.normalize(base[0] + 0.05 * F.normalize(torch.randn(C), dim=0), dim=0)  # another edit's prompt, nearby
+    cond = torch.cat([base, close[None], base[2:3]])  # row 4: a rewording of edit 2 (same weights)
+    w = torch.tensor([[0.0], [1.0], [2.0], [3.0], [2.0]]).expand(-1, D).contiguous()
+    r = jitter_radius(cond, w, 0.5, 0.5)
+    gap = (cond[0] - cond[3]).norm()
+    assert torch.allclose(r[[0, 3]], 0.5 * gap.expand(2), atol=1e-4) and r[0] < 0.05
+    assert r[1] == 0.5  # far from every other edit
+    assert torch.equal(jitter_radius(cond, w, 0.5, 0.0), torch.full((5,), 0.5))
+    # identical conditions of one edit do not limit each other: rows 2 and 4 share their weights
+    assert r[2] == r[4] and r[2] > 0.1
 
 
 def test_epsilon_needs_a_bounded_weighting():
