@@ -39,10 +39,11 @@ from meg.generator import GeneratorConfig, WeightGenerator, relative_errors
 RANKS = (64, 128, 256, 384, 512, 768)
 
 
-def training_pairs(dataset: str, n_edits: int, work_dir: Path | None, model: str):
-    """(cond (M, C), rows (M,), weights (N, D), w0 (D,)) as a MeG build with the default settings makes them."""
+def training_pairs(dataset: str, n_edits: int, work_dir: Path | None, model: str, condition: str | None = None):
+    """(cond (M, C), rows (M,), weights (N, D), w0 (D,)) as a MeG build with the default settings makes them
+    (``condition``: another ``MegConfig.generator_condition``)."""
     edits = facts.load_benchmark(dataset, "edit")[:n_edits]
-    cfg = MegConfig()
+    cfg = MegConfig(**({"generator_condition": condition} if condition else {}))
     loaded = lm.load_model(model)
     pool = pseudo_pool(edits)
     bank = template_bank(cfg, pool, edits)
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="GeneratorConfig override for every variant")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE,...",
                    help="a variant with these overrides (repeatable; none = the defaults alone)")
+    p.add_argument("--condition", choices=["tuned", "tuned+base"], default=None,
+                   help="what the generator is conditioned on (default: MegConfig's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -109,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
 
-    cond, rows, weights, w0 = training_pairs(args.dataset, args.n_edits, args.work_dir, args.model)
+    cond, rows, weights, w0 = training_pairs(args.dataset, args.n_edits, args.work_dir, args.model, args.condition)
     result = {"dataset": args.dataset, "n_edits": args.n_edits, "n_conditions": len(rows), "threads": args.threads,
+              "condition": args.condition or MegConfig().generator_condition,
               "defaults": asdict(GeneratorConfig()), "rank_error": rank_errors(weights, w0), "variants": {}}
     print(f"rank-k relative error of the deltas: {result['rank_error']}", flush=True)
     for name, overrides in variants.items():
