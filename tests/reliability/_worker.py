@@ -83,9 +83,9 @@ def generator_job(work: str, hang_at: int | None) -> dict[str, torch.Tensor]:
     if hang_at is not None:
         real = gen._train_step
 
-        def hanging(scheduler, optimizer, rng, x0_all, cond_all, step):
-            loss = real(scheduler, optimizer, rng, x0_all, cond_all, step)
-            if step + 1 == hang_at:
+        def hanging(*args):
+            loss = real(*args)
+            if args[-1] + 1 == hang_at:  # args[-1]: the step
                 _hang(f"after step {hang_at}")
             return loss
 
