@@ -33,6 +33,7 @@ import torch
 
 from bench.quality import parse_settings, parse_variants
 from meg import facts, fit, lm
+from meg.config import CONDITIONS
 from meg.editor import MegConfig, encoder_for, generator_pairs, pseudo_pool, template_bank
 from meg.generator import GeneratorConfig, WeightGenerator, relative_errors
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="GeneratorConfig override for every variant")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE,...",
                    help="a variant with these overrides (repeatable; none = the defaults alone)")
-    p.add_argument("--condition", choices=["tuned", "tuned+base"], default=None,
+    p.add_argument("--condition", choices=CONDITIONS, default=None,
                    help="what the generator is conditioned on (default: MegConfig's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)

@@ -30,11 +30,8 @@ from pathlib import Path
 import torch
 
 from meg import facts
+from meg.facts import normalise_prompt
 from meg.editor import MegConfig, base_encoder
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 def classify(edits: list, encode) -> list[str]:
@@ -42,9 +39,10 @@ def classify(edits: list, encode) -> list[str]:
     by_subject: dict[str, list[int]] = defaultdict(list)
     for i, e in enumerate(edits):
         if e.subject:
-            by_subject[_norm(e.subject)].append(i)
-    siblings = [[j for j in by_subject.get(_norm(e.subject or ""), []) if j != i
-                 and _norm(edits[j].target_new) != _norm(e.target_new)] for i, e in enumerate(edits)]
+            by_subject[normalise_prompt(e.subject)].append(i)
+    targets = [normalise_prompt(e.target_new) for e in edits]
+    siblings = [[j for j in by_subject.get(normalise_prompt(e.subject or ""), [])
+                 if j != i and targets[j] != targets[i]] for i, e in enumerate(edits)]
     need = [i for i, s in enumerate(siblings) if s and edits[i].paraphrases]
     prompts = torch.nn.functional.normalize(encode([e.prompt for e in edits]), dim=1)
     para = torch.nn.functional.normalize(encode([edits[i].paraphrases[0] for i in need]), dim=1) if need else None
@@ -53,7 +51,7 @@ def classify(edits: list, encode) -> list[str]:
         p = edits[i].paraphrases[0]
         own = float(para[row] @ prompts[i])
         near = max(float(para[row] @ prompts[j]) for j in siblings[i])
-        if near >= own or any(_norm(p) == _norm(edits[j].prompt) for j in siblings[i]):
+        if near >= own or any(normalise_prompt(p) == normalise_prompt(edits[j].prompt) for j in siblings[i]):
             kind[i] = "ambiguous"
     return kind
 

@@ -170,7 +170,8 @@ def edit_weights(model: "EditedModel", steps: int | None = None) -> torch.Tensor
     """
     per_model = _EDIT_WEIGHTS.setdefault(model, {})
     if steps not in per_model:
-        per_model[steps] = model.generator.sample(model.edit_conditions(), steps=steps, seed=model.cfg.sample_seed)
+        cond = model.edit_conditions()
+        per_model[steps] = model.generator.sample(cond, steps=steps, seed=model.cfg.sample_seed)
     return per_model[steps]
 
 
@@ -186,8 +187,7 @@ def question_weights(model: "EditedModel", questions: list[str], cfg: AnswerConf
         if cfg.weight_cache == "edit":
             w[rows] = edit_weights(model, cfg.sample_steps)[nearest[rows]]
         else:
-            cond = model.conditions([questions[i] for i in rows.tolist()], emb[rows])
-            w[rows] = model.generator.sample(cond, steps=cfg.sample_steps, seed=model.cfg.sample_seed)
+            w[rows] = model.sample_weights([questions[i] for i in rows.tolist()], emb[rows], cfg.sample_steps)
     return w, mask
 
 

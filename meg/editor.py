@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from meg import evaluate, fit, lm
+from meg.config import CONDITIONS
 from meg.errors import BundleError, ConfigError
 from meg.hashing import file_sha256
 
@@ -68,9 +69,9 @@ class MegConfig:
             raise ConfigError(f"meg: bad value for 'router': {self.router!r} (nearest, familiarity, off)")
         if self.weights not in ("generator", "lookup"):
             raise ConfigError(f"meg: bad value for 'weights': {self.weights!r} (generator, lookup)")
-        if self.generator_condition not in ("tuned", "tuned+base"):
+        if self.generator_condition not in CONDITIONS:
             raise ConfigError(f"meg: bad value for 'generator_condition': {self.generator_condition!r} "
-                              "(tuned, tuned+base)")
+                              f"({', '.join(CONDITIONS)})")
 
 
 class EditedModel(evaluate.EditedLM):
@@ -100,6 +101,10 @@ class EditedModel(evaluate.EditedLM):
         """The generator's conditions for prompts whose query embeddings are ``emb`` (n, C)."""
         return join_conditions(emb, self.cond_encoder, prompts)
 
+    def sample_weights(self, prompts: list[str], emb: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """(n, P) generated neuron weights for prompts whose query embeddings are ``emb`` (n, C)."""
+        return self.generator.sample(self.conditions(prompts, emb), steps=steps, seed=self.cfg.sample_seed)
+
     def edit_conditions(self) -> torch.Tensor:
         """(N, C') the generator's conditions of the edit prompts."""
         return self.edit_cond if self.cond_encoder is not None else self.router.edit_emb
@@ -119,8 +124,7 @@ class EditedModel(evaluate.EditedLM):
                 if self.cfg.weights == "lookup":
                     w[rows] = self.lookup[nearest[rows]]
                 else:
-                    cond = self.conditions([todo[i] for i in rows.tolist()], emb[rows])
-                    w[rows] = self.generator.sample(cond, seed=self.cfg.sample_seed)
+                    w[rows] = self.sample_weights([todo[i] for i in rows.tolist()], emb[rows])
             for i, p in enumerate(todo):
                 self._cache[p] = (w[i], bool(mask[i]))
                 if len(self._cache) > self.cache_size:
@@ -355,16 +359,22 @@ def template_bank(cfg: MegConfig, pool: list, edits: "list[EditRequest]" = ()):
         return None
     bank = TemplateBank.from_records(pool)
     if edits and cfg.fit.edit_templates > 0:
-        bank.link_same_subject(edits, lambda texts: base_encoder(cfg).encode(texts), cfg.fit.edit_templates)
+        bank.link_same_subject(edits, base_encoder(cfg).encode, cfg.fit.edit_templates)
     return bank
 
 
 def base_encoder(cfg: MegConfig):
-    """The sentence encoder before fine-tuning (the one ``cfg.encoder`` names)."""
+    """The sentence encoder before fine-tuning (the one ``cfg.encoder`` names), loaded once per process:
+    it is never trained, so the template bank, the generator's conditions and the models share it."""
+    names = tuple(sorted((k, cfg.encoder[k]) for k in ("model", "max_length") if k in cfg.encoder))
+    return _frozen_encoder(names, cfg.device)
+
+
+@functools.lru_cache(maxsize=2)
+def _frozen_encoder(names: tuple, device: str):
     from meg.encoder import EncoderConfig, QueryEncoder
 
-    names = {k: cfg.encoder[k] for k in ("model", "max_length") if k in cfg.encoder}
-    return QueryEncoder(EncoderConfig(**names, trainable="none", device=cfg.device))
+    return QueryEncoder(EncoderConfig(**dict(names), trainable="none", device=device))
 
 
 def encoder_for(cfg: MegConfig, pool: list, progress: bool = True, cache_root: Path | None = None):
@@ -433,28 +443,26 @@ def generator_pairs(cfg: MegConfig, edits: "list[EditRequest]", encoder, bank) -
     Every edit prompt is a condition (the first N rows, in edit order); with ``generator_variants``
     its rewordings from the template bank are too (they map to the same fitted weights).
     """
+    from meg.facts import normalise_prompt
+
     cond_texts, rows = [e.prompt for e in edits], list(range(len(edits)))
     if cfg.generator_variants and bank is not None:
         found = [(i, v) for i, e in enumerate(edits)
                  for v in bank.variants(e.prompt, e.subject, cfg.fit.n_variants or 8, e.target_new)]
         targets: dict[str, set[str]] = {}
         for i, text in found:
-            targets.setdefault(_norm_text(text), set()).add(_norm_text(edits[i].target_new))
+            targets.setdefault(normalise_prompt(text), set()).add(normalise_prompt(edits[i].target_new))
         # One condition, one weight vector: a text is a condition once, for the edit whose prompt it is or
         # else for the first edit it rewords; a rewording shared by edits with different targets (both
         # linked to one template) is left out altogether.
-        taken = {_norm_text(t) for t in cond_texts}
+        taken = {normalise_prompt(t) for t in cond_texts}
         for i, v in found:
-            key = _norm_text(v)
+            key = normalise_prompt(v)
             if key not in taken and len(targets[key]) == 1:
                 taken.add(key)
                 cond_texts.append(v)
                 rows.append(i)
     return join_conditions(encoder.encode(cond_texts), condition_encoder(cfg), cond_texts), rows
-
-
-def _norm_text(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 def condition_encoder(cfg: MegConfig):
