@@ -187,7 +187,11 @@ def question_weights(model: "EditedModel", questions: list[str], cfg: AnswerConf
         if cfg.weight_cache == "edit":
             w[rows] = edit_weights(model, cfg.sample_steps)[nearest[rows]]
         else:
-            w[rows] = model.sample_weights([questions[i] for i in rows.tolist()], emb[rows], cfg.sample_steps)
+            exact = {i for i, _ in model.exact_rows(questions)}
+            rows = torch.tensor([r for r in rows.tolist() if r not in exact], dtype=torch.long)
+            if rows.numel():
+                w[rows] = model.sample_weights([questions[i] for i in rows.tolist()], emb[rows], cfg.sample_steps)
+    model.use_exact(questions, w, mask)
     return w, mask
 
 

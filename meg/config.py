@@ -94,6 +94,7 @@ class PrepareConfig:
 @dataclass
 class AttachConfig:
     sample_seed: int = 0  # seed of the generator's sampling noise (answers are deterministic)
+    exact_prompts: bool = True  # an edit's own prompt is answered with its fitted weights, not generated ones
 
 
 @dataclass
@@ -360,8 +361,9 @@ def meg_config(view: dict):
     gen.pop("warm_start", None)
     gen.pop("warm_max_steps", None)
     kw["generator"] = {**defaults.generator, **gen}
-    if "sample_seed" in view.get("attach", {}):
-        kw["sample_seed"] = view["attach"]["sample_seed"]
+    for key in ("sample_seed", "exact_prompts"):
+        if key in view.get("attach", {}):
+            kw[key] = view["attach"][key]
     return MegConfig(**kw)
 
 

@@ -57,6 +57,10 @@ class MegConfig:
     # encoder); joining the base embedding keeps such conditions apart. Measured on the 1,037 ZsRE edits'
     # training pairs (docs/results.md §2.3): relative error 0.209 -> 0.127 after 1,500 steps.
     generator_condition: str = "tuned+base"
+    # A question that is an edit's own prompt (after facts.normalise_prompt) gets that edit's fitted weights
+    # instead of generated ones: the stored fact is stated as fitted, and the generator's approximation error
+    # only matters for other wordings. Off: every routed question gets generated weights (the paper's MeG).
+    exact_prompts: bool = True
     n_pseudo_encoder: int = 5000  # train-split pseudo-edits for the encoder
     n_pseudo_calibration: int = 2000  # held-out train-split pseudo-edits for the router threshold
     sample_seed: int = 0
@@ -79,10 +83,20 @@ class EditedModel(evaluate.EditedLM):
 
     def __init__(self, loaded, layer, act, encoder, router, generator, w0, cfg: MegConfig,
                  lookup: torch.Tensor | None = None, info: dict | None = None, batch_size: int = 32,
-                 cond_encoder=None, edit_cond: torch.Tensor | None = None):
+                 cond_encoder=None, edit_cond: torch.Tensor | None = None, edit_prompts: list[str] | None = None):
         super().__init__(loaded, self._weights_for, layer=layer, act=act, batch_size=batch_size)
         self.encoder, self.router, self.generator, self.w0 = encoder, router, generator, w0
         self.cfg, self.lookup, self.info = cfg, lookup, info or {}
+        # exact_prompts: normalised edit prompt -> row of ``lookup`` (the first edit of a repeated prompt)
+        self.edit_prompts = list(edit_prompts) if edit_prompts is not None else None
+        self._exact: dict[str, int] = {}
+        if cfg.exact_prompts and cfg.weights == "generator":
+            if self.edit_prompts is None or lookup is None or len(self.edit_prompts) != lookup.shape[0]:
+                raise BundleError("exact_prompts needs the edit prompts and their fitted weights, one row each")
+            from meg.facts import normalise_prompt
+
+            for i, p in enumerate(self.edit_prompts):
+                self._exact.setdefault(normalise_prompt(p), i)
         # generator_condition "tuned+base": the base encoder, and the edit prompts' conditions (N, C')
         self.cond_encoder, self.edit_cond = cond_encoder, edit_cond
         self.extra_metrics: dict = {}
@@ -105,6 +119,21 @@ class EditedModel(evaluate.EditedLM):
         """(n, P) generated neuron weights for prompts whose query embeddings are ``emb`` (n, C)."""
         return self.generator.sample(self.conditions(prompts, emb), steps=steps, seed=self.cfg.sample_seed)
 
+    def exact_rows(self, prompts: list[str]) -> list[tuple[int, int]]:
+        """(row, edit) for every prompt that is an edit's own prompt, when ``exact_prompts`` is on."""
+        if not self._exact:
+            return []
+        from meg.facts import normalise_prompt
+
+        found = ((i, self._exact.get(normalise_prompt(p))) for i, p in enumerate(prompts))
+        return [(i, j) for i, j in found if j is not None]
+
+    def use_exact(self, prompts: list[str], w: torch.Tensor, mask: torch.Tensor) -> None:
+        """Give the rows of ``w`` (n, P) whose prompt is an edit prompt that edit's fitted weights, and route them."""
+        for i, j in self.exact_rows(prompts):
+            w[i] = self.lookup[j]
+            mask[i] = True
+
     def edit_conditions(self) -> torch.Tensor:
         """(N, C') the generator's conditions of the edit prompts."""
         return self.edit_cond if self.cond_encoder is not None else self.router.edit_emb
@@ -124,7 +153,11 @@ class EditedModel(evaluate.EditedLM):
                 if self.cfg.weights == "lookup":
                     w[rows] = self.lookup[nearest[rows]]
                 else:
-                    w[rows] = self.sample_weights([todo[i] for i in rows.tolist()], emb[rows])
+                    exact = {i for i, _ in self.exact_rows(todo)}
+                    rows = torch.tensor([r for r in rows.tolist() if r not in exact], dtype=torch.long)
+                    if rows.numel():
+                        w[rows] = self.sample_weights([todo[i] for i in rows.tolist()], emb[rows])
+            self.use_exact(todo, w, mask)
             for i, p in enumerate(todo):
                 self._cache[p] = (w[i], bool(mask[i]))
                 if len(self._cache) > self.cache_size:
@@ -136,7 +169,9 @@ class EditedModel(evaluate.EditedLM):
 
     def explain(self, prompts: list[str]) -> list[dict]:
         _, mask, nearest, conf = self.route(prompts)
-        return [{"routed": bool(m), "nearest": int(n), "confidence": float(c)} for m, n, c in zip(mask, nearest, conf)]
+        exact = dict(self.exact_rows(prompts))
+        return [{"routed": bool(m) or i in exact, "nearest": exact.get(i, int(n)), "confidence": float(c),
+                 "exact": i in exact} for i, (m, n, c) in enumerate(zip(mask, nearest, conf))]
 
     # ---- bundle -------------------------------------------------------------------------------
 
@@ -163,6 +198,8 @@ class EditedModel(evaluate.EditedLM):
         if self.cond_encoder is not None:
             tensors["edit_cond"] = self.edit_cond.contiguous()
         save_file(tensors, str(tmp / "weights.safetensors"))
+        if self.edit_prompts is not None:
+            (tmp / "edit_prompts.json").write_text(json.dumps(self.edit_prompts, ensure_ascii=False))
         manifest = {
             "format": BUNDLE_FORMAT,
             "base_model": self.loaded.model_id,
@@ -223,9 +260,14 @@ class EditedModel(evaluate.EditedLM):
         if (cond_encoder is None) != ("edit_cond" not in tensors):
             raise BundleError(f"{bundle}: a generator condition encoder needs the edit conditions and back "
                               "(cond_encoder/ and edit_cond in weights.safetensors)")
+        prompts_file = bundle / "edit_prompts.json"
+        edit_prompts = json.loads(prompts_file.read_text(encoding="utf-8")) if prompts_file.is_file() else None
+        if cfg.exact_prompts and cfg.weights == "generator" and (edit_prompts is None or "lookup" not in tensors):
+            raise BundleError(f"{bundle}: exact_prompts is on but the bundle lacks edit_prompts.json or the "
+                              "fitted weights (lookup in weights.safetensors)")
         return cls(loaded, manifest["layer"], manifest["act"], encoder, router, generator, tensors["w0"], cfg,
                    lookup=tensors.get("lookup"), info=manifest.get("info"), cond_encoder=cond_encoder,
-                   edit_cond=tensors.get("edit_cond"))
+                   edit_cond=tensors.get("edit_cond"), edit_prompts=edit_prompts)
 
     # ---- using the edited model (meg.answer) ----------------------------------------------------
 
@@ -281,11 +323,14 @@ class EditedModel(evaluate.EditedLM):
             rows = [i for i, r in enumerate(out) if r[field]]
             if not rows:
                 continue
-            _, mask, nearest, conf = self.route([out[i][field] for i in rows])
+            queries = [out[i][field] for i in rows]
+            _, mask, nearest, conf = self.route(queries)
+            exact = dict(self.exact_rows(queries))
             for j, i in enumerate(rows):
-                n = int(nearest[j])
-                out[i].update({f"{kind}_routed": bool(mask[j]), f"{kind}_nearest": ids[n] if n < len(ids) else n,
-                               f"{kind}_confidence": round(float(conf[j]), 4)})
+                n = exact.get(j, int(nearest[j]))
+                out[i].update({f"{kind}_routed": bool(mask[j]) or j in exact,
+                               f"{kind}_nearest": ids[n] if n < len(ids) else n,
+                               f"{kind}_confidence": round(float(conf[j]), 4), f"{kind}_exact": j in exact})
         return out
 
 
@@ -531,9 +576,18 @@ def build(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfig,
         "timings": timings,
         "edit_ids": [e.id for e in edits],
     }
-    lookup = fitted.weights if cfg.weights == "lookup" else None
+    lookup, prompts = bundle_lookup(cfg, fitted.weights, edits)
     return EditedModel(loaded, fitted.layer, cfg.fit.act, encoder, router, generator, fitted.w0, cfg,
-                       lookup=lookup, info=info, cond_encoder=cond_encoder, edit_cond=edit_cond)
+                       lookup=lookup, info=info, cond_encoder=cond_encoder, edit_cond=edit_cond,
+                       edit_prompts=prompts)
+
+
+def bundle_lookup(cfg: MegConfig, weights: torch.Tensor, edits: "list[EditRequest]"):
+    """(fitted weights, edit prompts) the bundle keeps: the weights for ``lookup`` or ``exact_prompts``, the
+    prompts for ``exact_prompts``; None where not needed."""
+    exact = cfg.exact_prompts and cfg.weights == "generator"
+    lookup = weights if cfg.weights == "lookup" or exact else None
+    return lookup, ([e.prompt for e in edits] if exact else None)
 
 
 def router_confusion(model: EditedModel, edits: "list[EditRequest]", bank=None) -> dict[str, float]:
@@ -604,6 +658,7 @@ def _config_dict(cfg: MegConfig) -> dict:
 
 def _config_from_dict(d: dict) -> MegConfig:
     d = dict(d)
+    d.setdefault("exact_prompts", False)  # bundles from before the setting answered every question generated
     d["fit"] = fit.FitConfig(**d["fit"])
     return MegConfig(**d)
 

@@ -18,7 +18,7 @@ from meg.stages.common import StageResult, load_base, read_edits, read_json, wri
 
 def run(view: dict, prepare_dir: Path, fit_dir: Path, encoder_dir: Path, router_dir: Path, generator_dir: Path,
         out_dir: Path) -> StageResult:
-    from meg.editor import EditedModel, condition_encoder, join_conditions
+    from meg.editor import EditedModel, bundle_lookup, condition_encoder, join_conditions
     from meg.encoder import QueryEncoder
     from meg.generator import WeightGenerator
     from meg.router import load_router
@@ -41,12 +41,13 @@ def run(view: dict, prepare_dir: Path, fit_dir: Path, encoder_dir: Path, router_
         "dataset": read_json(Path(prepare_dir) / "report.json")["dataset"],
         "edit_ids": [e.id for e in edits],
     }
-    lookup = tensors["weights"] if cfg.weights == "lookup" else None
+    lookup, edit_prompts = bundle_lookup(cfg, tensors["weights"], edits)
     cond_encoder = condition_encoder(cfg) if generator is not None else None
     prompts = [e.prompt for e in edits]
     edit_cond = join_conditions(encoder.encode(prompts), cond_encoder, prompts) if cond_encoder else None
     model = EditedModel(loaded, meta["layer"], cfg.fit.act, encoder, router, generator, tensors["w0"], cfg,
-                        lookup=lookup, info=info, cond_encoder=cond_encoder, edit_cond=edit_cond)
+                        lookup=lookup, info=info, cond_encoder=cond_encoder, edit_cond=edit_cond,
+                        edit_prompts=edit_prompts)
     out = Path(out_dir)
     bundle = model.save(out / "bundle")
     size_mb = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 2**20

@@ -94,6 +94,41 @@ def test_save_load_round_trip_gives_the_same_answers(built, tiny_models, tmp_pat
     assert loaded.generate(prompts, 4) == before
 
 
+def test_edit_prompts_get_their_fitted_weights(built, tmp_path):
+    """exact_prompts (the default): an edit's own prompt, in any case and spacing, is answered with the fitted
+    weights; any other wording with generated ones; off, every routed prompt gets generated weights."""
+    model, edits = built
+    assert model.cfg.exact_prompts and model.lookup is not None
+    asked = ["  " + e.prompt.upper().replace(" ", "  ") for e in edits] + [e.paraphrases[0] for e in edits]
+    model._cache.clear()
+    w, mask = model._weights_for(asked)
+    n = len(edits)
+    assert mask[:n].all() and torch.equal(w[:n], model.lookup)
+    routed = mask[n:].nonzero().flatten()
+    assert routed.numel() and not any(torch.equal(w[n + i], model.lookup[i]) for i in routed.tolist())
+    why = model.explain(asked)
+    assert [r["exact"] for r in why] == [True] * n + [False] * n
+    assert [r["nearest"] for r in why[:n]] == list(range(n))
+    records = model.routing_records(edits)
+    assert all(r["rel_exact"] and r["rel_routed"] for r in records) and not any(r["gen_exact"] for r in records)
+
+    off = editor.EditedModel(model.loaded, model.layer, model.act, model.encoder, model.router, model.generator,
+                             model.w0, editor.with_overrides(model.cfg, {"exact_prompts": False}),
+                             info=model.info, cond_encoder=model.cond_encoder, edit_cond=model.edit_cond)
+    generated, _ = off._weights_for([e.prompt for e in edits])
+    assert not torch.equal(generated, model.lookup)
+    assert torch.allclose(generated, model.sample_weights([e.prompt for e in edits],
+                                                          model.route([e.prompt for e in edits])[0]), atol=1e-5)
+
+    bundle = model.save(tmp_path / "bundle")
+    assert json.loads((bundle / "edit_prompts.json").read_text()) == [e.prompt for e in edits]
+    again = editor.EditedModel.load(bundle, loaded=model.loaded)
+    assert torch.equal(again._weights_for(asked[:n])[0], model.lookup)
+    with pytest.raises(BundleError, match="exact_prompts"):
+        editor.EditedModel(model.loaded, model.layer, model.act, model.encoder, model.router, model.generator,
+                           model.w0, model.cfg, cond_encoder=model.cond_encoder, edit_cond=model.edit_cond)
+
+
 def test_generator_conditions_join_the_base_encoder(built, tmp_path):
     """generator_condition "tuned+base" (the default): the tuned and the base embedding side by side, kept in the bundle."""
     model, edits = built
