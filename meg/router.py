@@ -612,6 +612,21 @@ def calibrate_router(
                        chosen["edit_recall"], confusion)
 
 
+def memoised(encode: Callable[[list[str]], torch.Tensor]) -> Callable[[list[str]], torch.Tensor]:
+    """``encode`` that embeds each distinct text once however often it is asked for (calibration asks for the
+    probed prompts, the unrelated and the same-subject prompts twice each)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def enc(texts: list[str]) -> torch.Tensor:
+        texts = list(texts)
+        todo = [t for t in dict.fromkeys(texts) if t not in seen]
+        if todo:
+            seen.update(zip(todo, encode(todo)))
+        return torch.stack([seen[t] for t in texts]) if texts else encode([])
+
+    return enc
+
+
 def build_router(
     config: RouterConfig,
     encode: Callable[[list[str]], torch.Tensor],
@@ -620,6 +635,7 @@ def build_router(
     edit_subjects: Sequence[str | None] | None = None,
 ) -> tuple[Router, Calibration | None]:
     """Fit a router on the edit prompts; threshold from ``calibrate_router`` unless config sets one."""
+    encode = memoised(encode)
     calibration = None
     if config.threshold is None:
         if pseudo is None:

@@ -151,6 +151,9 @@ def test_build_router_embeds_only_edit_prompts_and_pseudo_edits():
     router, cal = build_router(RouterConfig(kind="nearest"), encode, edit_prompts, pseudo)
     assert router.config.threshold == cal.threshold and router.n_edits == 30
     assert set(encode.seen) <= pseudo.texts() | set(edit_prompts)
+    assert len(encode.seen) == len(set(encode.seen))  # each text embedded once (calibration reuses them)
+    direct = calibrate_router(RouterConfig(kind="nearest"), encode, pseudo, 30, exclude=edit_prompts)
+    assert direct == cal  # the same calibration as with repeated embedding
     given, none = build_router(RouterConfig(kind="nearest", threshold=0.5), encode, edit_prompts)
     assert none is None and given.config.threshold == 0.5
 
