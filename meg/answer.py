@@ -219,11 +219,13 @@ def answer_rows(model: "EditedModel", questions: list[str], explain: list[bool],
     asked = [i for i in range(n) if explain[i]]
     if asked:
         emb, mask, _, conf = model.route([questions[i] for i in asked])
+        exact = dict(model.exact_rows([questions[i] for i in asked]))
         near = nearest_edits(model, emb, cfg.top_k)
         for j, i in enumerate(asked):
             explanations[i] = {
                 "question": questions[i],
-                "routed": bool(mask[j]),
+                "routed": bool(mask[j]) or j in exact,
+                "exact": j in exact,
                 "confidence": round(float(conf[j]), 4),
                 "nearest_edits": near[j],
                 "answer": texts[i],
@@ -239,8 +241,8 @@ def base_answer_rows(loaded: "LoadedModel", questions: list[str], explain: list[
     ids = generate_rows(loaded, list(questions), max_new_tokens=cfg.max_new_tokens,
                         stop_at_newline=cfg.stop_at_newline)
     texts = [first_line(loaded.tokenizer.decode(r, skip_special_tokens=True)) for r in ids]
-    explanations = [{"question": q, "routed": False, "confidence": 0.0, "nearest_edits": [], "answer": t,
-                     "base_answer": t} if e else None for q, t, e in zip(questions, texts, explain)]
+    explanations = [{"question": q, "routed": False, "exact": False, "confidence": 0.0, "nearest_edits": [],
+                     "answer": t, "base_answer": t} if e else None for q, t, e in zip(questions, texts, explain)]
     return texts, explanations
 
 

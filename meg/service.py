@@ -158,6 +158,8 @@ class NearestEdit(BaseModel):
 class Explanation(BaseModel):
     question: str
     routed: bool = Field(description="The router sent the question to the edited knowledge.")
+    exact: bool = Field(description="The question is an edit's own prompt, answered with that edit's fitted "
+                                    "weights (attach.exact_prompts).")
     confidence: float = Field(description="The router's confidence in [0, 1].")
     nearest_edits: list[NearestEdit]
     answer: str

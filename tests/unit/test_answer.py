@@ -58,7 +58,8 @@ def test_explanations(model, questions):
     edits = tiny_edits()
     for i, (q, e) in enumerate(zip(questions, out["explanations"])):
         assert e["question"] == q and e["answer"] == plain[i] and e["base_answer"] == base[i]
-        assert e["routed"] == bool(mask[i]) and e["confidence"] == pytest.approx(float(conf[i]), abs=1e-4)
+        assert e["routed"] == (bool(mask[i]) or e["exact"]) and e["confidence"] == pytest.approx(float(conf[i]), abs=1e-4)
+        assert e["exact"] == (q in {x.prompt for x in edits})
         assert len(e["nearest_edits"]) == 3
         sims = [n["similarity"] for n in e["nearest_edits"]]
         assert sims == sorted(sims, reverse=True)
@@ -147,10 +148,12 @@ def test_speed_options(model, questions):
     assert cached.shape == (n, model.w0.numel()) and edit_weights(model) is cached  # computed once
     w, mask = question_weights(model, questions, AnswerConfig(weight_cache="edit"))
     assert torch.equal(mask, default_mask)
-    assert torch.allclose(w[:n], default_w[:n], atol=1e-4)  # an edit prompt gets its own generated weights
+    assert torch.equal(w[:n], default_w[:n])  # an edit prompt gets its fitted weights either way (exact_prompts)
     _, _, nearest, _ = model.route(questions)
-    routed = mask.nonzero().flatten()
-    assert torch.equal(w[routed], cached[nearest[routed]]) and not w[~mask].any()
+    exact = torch.tensor([q in {e.prompt for e in edits} for q in questions])
+    generated = (mask & ~exact).nonzero().flatten()
+    assert torch.equal(w[generated], cached[nearest[generated]]) and not w[~mask].any()
+    assert torch.equal(w[exact], model.lookup[nearest[exact]])  # edit prompts: their fitted weights
     plain = model.answer(questions)["answers"]
     fast = model.answer(questions, weight_cache="edit")["answers"]
     assert fast[:n] == plain[:n] and fast[2 * n:] == plain[2 * n:]  # edit prompts and unrelated: unchanged
