@@ -116,7 +116,8 @@ def format_explanation(e: dict) -> str:
     lines = [f"Q: {e['question']}",
              f"  edited answer: {e['answer']}",
              f"  base answer:   {e['base_answer']}",
-             f"  routed to edited knowledge: {'yes' if e['routed'] else 'no'} (confidence {e['confidence']:.3f})"]
+             f"  routed to edited knowledge: {'yes' if e['routed'] else 'no'} (confidence {e['confidence']:.3f})"
+             + (", an edit's own prompt: its fitted weights" if e.get("exact") else "")]
     for n in e.get("nearest_edits", []):
         what = f"{n.get('prompt', '')} -> {n.get('target_new', '')}" if "prompt" in n else ""
         lines.append(f"  nearest edit {n.get('id', n['index'])} (cosine {n['similarity']:.3f}) {what}".rstrip())
