@@ -180,18 +180,17 @@ def question_weights(model: "EditedModel", questions: list[str], cfg: AnswerConf
     uses_generator = model.generator is not None and model.cfg.weights == "generator" and model.router is not None
     if (cfg.sample_steps is None and cfg.weight_cache == "off") or not uses_generator:
         return model.weights_fn(questions)
-    emb, mask, nearest, _ = model.route(questions)
+    emb, mask, nearest, _, exact = model.route_exact(questions)
     w = torch.zeros(len(questions), model.w0.numel())
-    rows = mask.nonzero().flatten()
-    if rows.numel():
+    rows = [r for r in mask.nonzero().flatten().tolist() if r not in exact]
+    if rows:
         if cfg.weight_cache == "edit":
             w[rows] = edit_weights(model, cfg.sample_steps)[nearest[rows]]
         else:
-            exact = {i for i, _ in model.exact_rows(questions)}
-            rows = torch.tensor([r for r in rows.tolist() if r not in exact], dtype=torch.long)
-            if rows.numel():
-                w[rows] = model.sample_weights([questions[i] for i in rows.tolist()], emb[rows], cfg.sample_steps)
-    model.use_exact(questions, w, mask)
+            w[rows] = model.sample_weights([questions[i] for i in rows], emb[rows], cfg.sample_steps)
+    if exact:
+        fitted = sorted(exact)
+        w[fitted] = model.lookup[nearest[fitted]]
     return w, mask
 
 
@@ -218,13 +217,12 @@ def answer_rows(model: "EditedModel", questions: list[str], explain: list[bool],
     explanations: list[dict | None] = [None] * n
     asked = [i for i in range(n) if explain[i]]
     if asked:
-        emb, mask, _, conf = model.route([questions[i] for i in asked])
-        exact = dict(model.exact_rows([questions[i] for i in asked]))
+        emb, mask, _, conf, exact = model.route_exact([questions[i] for i in asked])
         near = nearest_edits(model, emb, cfg.top_k)
         for j, i in enumerate(asked):
             explanations[i] = {
                 "question": questions[i],
-                "routed": bool(mask[j]) or j in exact,
+                "routed": bool(mask[j]),
                 "exact": j in exact,
                 "confidence": round(float(conf[j]), 4),
                 "nearest_edits": near[j],

@@ -77,6 +77,11 @@ class MegConfig:
             raise ConfigError(f"meg: bad value for 'generator_condition': {self.generator_condition!r} "
                               f"({', '.join(CONDITIONS)})")
 
+    @property
+    def uses_exact(self) -> bool:
+        """Edit prompts get their fitted weights (``exact_prompts``; with ``lookup`` every routed prompt does)."""
+        return self.exact_prompts and self.weights == "generator"
+
 
 class EditedModel(evaluate.EditedLM):
     """A base model answering with MeG's generated neuron weights."""
@@ -90,7 +95,7 @@ class EditedModel(evaluate.EditedLM):
         # exact_prompts: normalised edit prompt -> row of ``lookup`` (the first edit of a repeated prompt)
         self.edit_prompts = list(edit_prompts) if edit_prompts is not None else None
         self._exact: dict[str, int] = {}
-        if cfg.exact_prompts and cfg.weights == "generator":
+        if cfg.uses_exact:
             if self.edit_prompts is None or lookup is None or len(self.edit_prompts) != lookup.shape[0]:
                 raise BundleError("exact_prompts needs the edit prompts and their fitted weights, one row each")
             from meg.facts import normalise_prompt
@@ -119,20 +124,20 @@ class EditedModel(evaluate.EditedLM):
         """(n, P) generated neuron weights for prompts whose query embeddings are ``emb`` (n, C)."""
         return self.generator.sample(self.conditions(prompts, emb), steps=steps, seed=self.cfg.sample_seed)
 
-    def exact_rows(self, prompts: list[str]) -> list[tuple[int, int]]:
-        """(row, edit) for every prompt that is an edit's own prompt, when ``exact_prompts`` is on."""
-        if not self._exact:
-            return []
-        from meg.facts import normalise_prompt
+    def route_exact(self, prompts: list[str]):
+        """``route`` with every prompt that is an edit's own prompt (``exact_prompts``) routed to that edit:
+        (emb, mask, nearest, confidence, the set of such rows)."""
+        emb, mask, nearest, conf = self.route(prompts)
+        exact: set[int] = set()
+        if self._exact:
+            from meg.facts import normalise_prompt
 
-        found = ((i, self._exact.get(normalise_prompt(p))) for i, p in enumerate(prompts))
-        return [(i, j) for i, j in found if j is not None]
-
-    def use_exact(self, prompts: list[str], w: torch.Tensor, mask: torch.Tensor) -> None:
-        """Give the rows of ``w`` (n, P) whose prompt is an edit prompt that edit's fitted weights, and route them."""
-        for i, j in self.exact_rows(prompts):
-            w[i] = self.lookup[j]
-            mask[i] = True
+            for i, p in enumerate(prompts):
+                j = self._exact.get(normalise_prompt(p))
+                if j is not None:
+                    mask[i], nearest[i] = True, j
+                    exact.add(i)
+        return emb, mask, nearest, conf, exact
 
     def edit_conditions(self) -> torch.Tensor:
         """(N, C') the generator's conditions of the edit prompts."""
@@ -146,18 +151,15 @@ class EditedModel(evaluate.EditedLM):
         """
         todo = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if todo:
-            emb, mask, nearest, _ = self.route(todo)
+            emb, mask, nearest, _, exact = self.route_exact(todo)
             w = torch.zeros(len(todo), self.w0.numel())
-            rows = mask.nonzero().flatten()
-            if rows.numel():
-                if self.cfg.weights == "lookup":
-                    w[rows] = self.lookup[nearest[rows]]
-                else:
-                    exact = {i for i, _ in self.exact_rows(todo)}
-                    rows = torch.tensor([r for r in rows.tolist() if r not in exact], dtype=torch.long)
-                    if rows.numel():
-                        w[rows] = self.sample_weights([todo[i] for i in rows.tolist()], emb[rows])
-            self.use_exact(todo, w, mask)
+            routed = mask.nonzero().flatten().tolist()
+            fitted = routed if self.cfg.weights == "lookup" else sorted(exact)
+            generated = [r for r in routed if r not in exact] if self.cfg.weights == "generator" else []
+            if fitted:
+                w[fitted] = self.lookup[nearest[fitted]]
+            if generated:
+                w[generated] = self.sample_weights([todo[i] for i in generated], emb[generated])
             for i, p in enumerate(todo):
                 self._cache[p] = (w[i], bool(mask[i]))
                 if len(self._cache) > self.cache_size:
@@ -168,10 +170,9 @@ class EditedModel(evaluate.EditedLM):
         return torch.stack([h[0] for h in hits]), torch.tensor([h[1] for h in hits])
 
     def explain(self, prompts: list[str]) -> list[dict]:
-        _, mask, nearest, conf = self.route(prompts)
-        exact = dict(self.exact_rows(prompts))
-        return [{"routed": bool(m) or i in exact, "nearest": exact.get(i, int(n)), "confidence": float(c),
-                 "exact": i in exact} for i, (m, n, c) in enumerate(zip(mask, nearest, conf))]
+        _, mask, nearest, conf, exact = self.route_exact(prompts)
+        return [{"routed": bool(m), "nearest": int(n), "confidence": float(c), "exact": i in exact}
+                for i, (m, n, c) in enumerate(zip(mask, nearest, conf))]
 
     # ---- bundle -------------------------------------------------------------------------------
 
@@ -262,7 +263,7 @@ class EditedModel(evaluate.EditedLM):
                               "(cond_encoder/ and edit_cond in weights.safetensors)")
         prompts_file = bundle / "edit_prompts.json"
         edit_prompts = json.loads(prompts_file.read_text(encoding="utf-8")) if prompts_file.is_file() else None
-        if cfg.exact_prompts and cfg.weights == "generator" and (edit_prompts is None or "lookup" not in tensors):
+        if cfg.uses_exact and (edit_prompts is None or "lookup" not in tensors):
             raise BundleError(f"{bundle}: exact_prompts is on but the bundle lacks edit_prompts.json or the "
                               "fitted weights (lookup in weights.safetensors)")
         return cls(loaded, manifest["layer"], manifest["act"], encoder, router, generator, tensors["w0"], cfg,
@@ -323,13 +324,10 @@ class EditedModel(evaluate.EditedLM):
             rows = [i for i, r in enumerate(out) if r[field]]
             if not rows:
                 continue
-            queries = [out[i][field] for i in rows]
-            _, mask, nearest, conf = self.route(queries)
-            exact = dict(self.exact_rows(queries))
+            _, mask, nearest, conf, exact = self.route_exact([out[i][field] for i in rows])
             for j, i in enumerate(rows):
-                n = exact.get(j, int(nearest[j]))
-                out[i].update({f"{kind}_routed": bool(mask[j]) or j in exact,
-                               f"{kind}_nearest": ids[n] if n < len(ids) else n,
+                n = int(nearest[j])
+                out[i].update({f"{kind}_routed": bool(mask[j]), f"{kind}_nearest": ids[n] if n < len(ids) else n,
                                f"{kind}_confidence": round(float(conf[j]), 4), f"{kind}_exact": j in exact})
         return out
 
@@ -585,9 +583,8 @@ def build(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfig,
 def bundle_lookup(cfg: MegConfig, weights: torch.Tensor, edits: "list[EditRequest]"):
     """(fitted weights, edit prompts) the bundle keeps: the weights for ``lookup`` or ``exact_prompts``, the
     prompts for ``exact_prompts``; None where not needed."""
-    exact = cfg.exact_prompts and cfg.weights == "generator"
-    lookup = weights if cfg.weights == "lookup" or exact else None
-    return lookup, ([e.prompt for e in edits] if exact else None)
+    lookup = weights if cfg.weights == "lookup" or cfg.uses_exact else None
+    return lookup, ([e.prompt for e in edits] if cfg.uses_exact else None)
 
 
 def router_confusion(model: EditedModel, edits: "list[EditRequest]", bank=None) -> dict[str, float]:
