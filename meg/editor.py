@@ -44,7 +44,7 @@ BUNDLE_FORMAT = 1
 
 @dataclass
 class MegConfig:
-    fit: fit.FitConfig = field(default_factory=lambda: fit.FitConfig(n_variants=4))
+    fit: fit.FitConfig = field(default_factory=lambda: fit.FitConfig(n_variants=4, context_fallback=4))
     encoder: dict = field(default_factory=dict)  # overrides of meg.encoder.EncoderConfig
     router: str = "nearest"  # "nearest" (cosine to the nearest edit) or "familiarity" (the paper's)
     router_options: dict = field(default_factory=dict)
@@ -398,7 +398,7 @@ def template_bank(cfg: MegConfig, pool: list, edits: "list[EditRequest]" = ()):
     edit set's same-subject prompts (None when neither fitting nor the generator uses them)."""
     from meg.augment import TemplateBank
 
-    if not (cfg.fit.n_variants or cfg.fit.n_contexts or cfg.generator_variants):
+    if not (cfg.fit.uses_bank or cfg.generator_variants):
         return None
     bank = TemplateBank.from_records(pool)
     if edits and cfg.fit.edit_templates > 0:

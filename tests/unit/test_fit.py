@@ -161,3 +161,34 @@ def _lookup(edits, weights):
         return weights[[prompts.index(p) for p in batch_prompts]], torch.ones(len(batch_prompts), dtype=torch.bool)
 
     return weights_fn
+
+
+def test_context_fallback_gives_subject_questions_only_to_edits_without_rewordings(tiny_models, monkeypatch):
+    from dataclasses import replace
+
+    from meg.augment import TemplateBank
+    from meg.editor import pseudo_pool
+    from meg.errors import ConfigError
+
+    loaded = tiny_models["llama"]
+    bank = TemplateBank.from_records(pseudo_pool([]))
+    known = replace(make_edit(0, "The mother tongue of Danielle Darrieux is", "English"), subject="Danielle Darrieux")
+    unknown = replace(make_edit(1, "What year did Sunnyside Hospital end?", "1962"), subject="Sunnyside Hospital")
+    seen: list[list[str]] = []
+    encode = textbatch.encode
+    monkeypatch.setattr(fit.textbatch, "encode", lambda tok, prompts, *a, **kw: seen.append(list(prompts)) or encode(tok, prompts, *a, **kw))
+
+    def rows(**kw):
+        seen.clear()
+        fit.fit_edits(loaded, [known, unknown], _cfg(max_steps=2, n_variants=2, **kw), progress=False, bank=bank)
+        return seen[0]
+
+    off, on = rows(context_fallback=0), rows(context_fallback=3)
+    assert off.count(unknown.prompt) == 1 and not [p for p in off if "Sunnyside" in p and p != unknown.prompt]
+    extra = [p for p in on if "Sunnyside" in p and p != unknown.prompt]
+    assert len(extra) == 3 and len(set(extra)) == 3  # questions on the subject from other relations
+    darrieux = [p for p in on if "Darrieux" in p]
+    assert darrieux == [p for p in off if "Darrieux" in p] and len(darrieux) == 3  # prompt + 2 rewordings, no more
+    assert _cfg(context_fallback=3).key("h", 2) != _cfg().key("h", 2)
+    with pytest.raises(ConfigError, match="template bank"):
+        fit.fit_edits(loaded, [known], _cfg(context_fallback=2), progress=False)
