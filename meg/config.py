@@ -142,10 +142,10 @@ class PromoteConfig:
 _EXTRA_KEYS: dict[str, dict[str, Any]] = {
     "encoder": {"n_pseudo": 5000},  # train-split pseudo-edits the encoder is fine-tuned on
     "router": {"kind": "nearest", "n_pseudo": 2000},  # router kind; held-out pseudo-edits for its threshold
-    # weights: "generator" (MeG) or "lookup"; variants: also train on rewordings; warm_start: start from the
-    # previous generator when facts were added; warm_max_steps: step cap of such a run (null: a quarter of max_steps);
+    # weights: "lookup" (the routed edit's fitted weights) or "generator" (MeG); variants: also train on
+    # rewordings; warm_start: start from the previous generator when facts were added; warm_max_steps: step cap of such a run (null: a quarter of max_steps);
     # condition: what the generator is conditioned on ("tuned" encoder embedding, or "tuned+base": with the base one)
-    "generator": {"weights": "generator", "variants": True, "condition": "tuned+base", "warm_start": True,
+    "generator": {"weights": "lookup", "variants": True, "condition": "tuned+base", "warm_start": True,
                   "warm_max_steps": None},
 }
 _EXTRA_TYPES: dict[str, Any] = {"n_pseudo": int, "kind": str, "weights": str, "variants": bool, "condition": str,

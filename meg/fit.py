@@ -63,8 +63,8 @@ class FitConfig:
     n_variants: int = 0  # rewordings of each prompt from the pseudo-edit template bank (meg.augment), 0 = off
     min_variant_share: float = 1.0  # an edit is done once its prompt and this share of its other rows succeed
     n_contexts: int = 0  # questions on the edit's subject from other relations, fitted to the target too, 0 = off
-    # an edit the template bank has no rewording for (a relation it does not know, no linked same-subject
-    # edit) gets this many other-relation questions on its subject instead; 0 = off. On held-out
+    # with n_variants > 0, an edit the template bank has no rewording for (a relation it does not know, no
+    # linked same-subject edit) gets this many other-relation questions on its subject instead; 0 = off. On held-out
     # pseudo-edits fitted without rewordings, 4 such questions lift transfer to the paraphrase from 31% to 84%
     context_fallback: int = 0
     # rewordings learned from the edit set: templates of same-subject edits with at least this cosine under
@@ -108,12 +108,12 @@ class FitConfig:
     @property
     def uses_bank(self) -> bool:
         """Whether fitting reads the template bank (rewordings or other-relation questions)."""
-        return bool(self.n_variants or self.n_contexts or self.context_fallback)
+        return bool(self.n_variants or self.n_contexts)  # context_fallback acts only with n_variants
 
     def key(self, model_hash: str, layer: int) -> str:
         """Identifies fitted weights: same model, layer and settings -> reusable."""
         settings = {k: v for k, v in asdict(self).items() if k not in ("chunk_size", "device", "layer")}
-        if not self.context_fallback:  # off: the key weights fitted before the setting existed were stored under
+        if not (self.context_fallback and self.n_variants):  # inactive: the key of weights fitted before it existed
             settings.pop("context_fallback")
         blob = json.dumps({"model": model_hash, "layer": layer, **settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -472,8 +472,7 @@ def fit_edits(
     without one, ``n_variants`` must be 0.
     """
     if cfg.uses_bank and bank is None:
-        raise ConfigError("fit: 'n_variants', 'n_contexts' or 'context_fallback' > 0 needs a template bank "
-                          "(meg.augment.TemplateBank)")
+        raise ConfigError("fit: 'n_variants' or 'n_contexts' > 0 needs a template bank (meg.augment.TemplateBank)")
     t0 = time.time()
     model, tok = loaded.model, loaded.tokenizer
     layer = cfg.layer if cfg.layer is not None else loaded.default_layer
@@ -493,7 +492,7 @@ def fit_edits(
         prompts, targets, edit_of_row = [], [], []
         for i, e in enumerate(chunk):
             rewordings = bank.variants(e.prompt, e.subject, cfg.n_variants, e.target_new) if bank else []
-            n_contexts = cfg.n_contexts or (0 if rewordings else cfg.context_fallback)
+            n_contexts = cfg.n_contexts or (cfg.context_fallback if cfg.n_variants and not rewordings else 0)
             if bank and n_contexts:
                 seed = int(e.content_key[:8], 16)  # deterministic per edit, different across edits
                 found = (bank.other_relation(e.prompt, e.subject, seed + j) for j in range(n_contexts))

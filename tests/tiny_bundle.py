@@ -27,6 +27,7 @@ def tiny_config():
         n_pseudo_calibration=64,
         generator={"max_steps": 150, "eval_every": 50, "width": 64, "heads": 4, "depth": 2, "sample_steps": 10},
         generator_variants=False,
+        weights="generator",  # the bundle tests exercise the diffusion generator
     )
 
 

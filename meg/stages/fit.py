@@ -86,7 +86,7 @@ def run(view: dict, prepare_dir: Path, out_dir: Path, cache_dir: Path | None = N
     edits = read_edits(Path(prepare_dir) / "edits.jsonl")
     i, n = shard
     mine = [e for e in edits if shard_of(e.content_key, n) == i]
-    pool = read_edits(Path(prepare_dir) / "pseudo.jsonl") if cfg.fit.n_variants else []
+    pool = read_edits(Path(prepare_dir) / "pseudo.jsonl") if cfg.fit.uses_bank else []
     loaded = load_base(view)
     layer = cfg.fit.layer if cfg.fit.layer is not None else loaded.default_layer
     store_dir = Path(cache_dir) / "fit" if cache_dir else None
@@ -96,7 +96,7 @@ def run(view: dict, prepare_dir: Path, out_dir: Path, cache_dir: Path | None = N
     n_new = len({e.content_key for e in mine} - cached)
     if progress:
         print(f"fit: shard {i}/{n}: {len(mine)} edits, {n_new} to fit, {len(mine) - n_new} cached", flush=True)
-    bank = template_bank(cfg, pool, edits) if cfg.fit.n_variants else None
+    bank = template_bank(cfg, pool, edits) if cfg.fit.uses_bank else None
     res = fit.fit_edits(loaded, mine, cfg.fit, store_dir=store_dir, progress=progress, bank=bank)
     report = res.report()
     tensors = {"weights": res.weights, "w0": res.w0, "success": res.success, "steps": res.steps, "loss": res.loss}

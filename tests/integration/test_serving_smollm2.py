@@ -26,7 +26,7 @@ def bundle(tmp_path_factory, smollm2):
 
     edits = load_benchmark("counterfact", "edit")[:N_EDITS]
     cfg = editor.MegConfig(fit=fit.FitConfig(n_variants=4), n_pseudo_encoder=1024, n_pseudo_calibration=512,
-                           encoder={"max_steps": 16}, generator={"max_steps": 600})
+                           encoder={"max_steps": 16}, generator={"max_steps": 600}, weights="generator")
     model = editor.build(smollm2, edits, cfg, progress=False)
     record_edits(model, edits)
     return model, edits

@@ -63,6 +63,7 @@ def test_meg_end_to_end_on_a_small_counterfact_slice(smollm2, tmp_path, monkeypa
     cfg = editor.MegConfig(
         encoder=dict(max_steps=20),
         generator=dict(max_steps=400, eval_every=100),
+        weights="generator",  # MeG's own path end to end; lookup is the cheaper default
         n_pseudo_encoder=1280,
         n_pseudo_calibration=500,
     )

@@ -41,7 +41,8 @@ def small_params(model_dir: Path, n_edits: int = 8) -> dict:
     p["router"].update(n_pseudo=32)
     p["generator"].update(width=32, depth=1, heads=2, mlp_ratio=1.0, max_steps=12, warmup_steps=2, batch_size=64,
                           eval_every=6, eval_size=16, eval_steps=2, sample_steps=3, checkpoint_every=6,
-                          variants=False, warm_max_steps=6)
+                          variants=False, warm_max_steps=6,
+                          weights="generator")  # the stages are tested with the diffusion generator; lookup has its own test
     p["evaluate"].update(methods=["none"], batch_size=16)
     p["promote"].update(min_score=0.0, min_locality=0.0)
     return p

@@ -28,6 +28,7 @@ def small_config(**overrides) -> editor.MegConfig:
         n_pseudo_encoder=16,
         n_pseudo_calibration=24,
         generator_variants=False,
+        weights="generator",
     )
     cfg.update(overrides)
     return editor.MegConfig(**cfg)

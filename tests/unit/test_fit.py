@@ -189,6 +189,11 @@ def test_context_fallback_gives_subject_questions_only_to_edits_without_rewordin
     assert len(extra) == 3 and len(set(extra)) == 3  # questions on the subject from other relations
     darrieux = [p for p in on if "Darrieux" in p]
     assert darrieux == [p for p in off if "Darrieux" in p] and len(darrieux) == 3  # prompt + 2 rewordings, no more
-    assert _cfg(context_fallback=3).key("h", 2) != _cfg().key("h", 2)
+    assert _cfg(n_variants=2, context_fallback=3).key("h", 2) != _cfg(n_variants=2, context_fallback=0).key("h", 2)
+    assert _cfg(context_fallback=3).key("h", 2) == _cfg(context_fallback=0).key("h", 2)  # inert without n_variants
+    # without rewordings asked for (n_variants 0) the fallback has nothing to stand in for
+    seen.clear()
+    fit.fit_edits(loaded, [unknown], _cfg(max_steps=2, context_fallback=3), progress=False, bank=bank)
+    assert seen[0] == [unknown.prompt]
     with pytest.raises(ConfigError, match="template bank"):
-        fit.fit_edits(loaded, [known], _cfg(context_fallback=2), progress=False)
+        fit.fit_edits(loaded, [known], _cfg(n_variants=2, context_fallback=2), progress=False)
