@@ -77,6 +77,10 @@ class FitConfig:
     # units; each edit is then checked (and if need be finished) in the model's own precision
     dtype: str = "float32"
     fixup_steps: int = 20  # cap on the steps that finish, in full precision, an edit a bfloat16 fit left short
+    # cap on the steps that continue, on its prompt alone, an edit whose fit ended without reproducing the target
+    # (its rewordings or other-relation questions held it back); 0 = off. Applied to stored fits as well, so it
+    # leaves the fit store's key unchanged
+    finish_steps: int = 20
     seed: int = 0  # seed of the shared initialisation w0 and of the prefixes
     device: str = "cpu"
 
@@ -100,6 +104,7 @@ class FitConfig:
             "chunk_size": self.chunk_size >= 1,
             "dtype": self.dtype in ("float32", "bfloat16"),
             "fixup_steps": self.fixup_steps >= 0,
+            "finish_steps": self.finish_steps >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -112,7 +117,8 @@ class FitConfig:
 
     def key(self, model_hash: str, layer: int) -> str:
         """Identifies fitted weights: same model, layer and settings -> reusable."""
-        settings = {k: v for k, v in asdict(self).items() if k not in ("chunk_size", "device", "layer")}
+        skip = ("chunk_size", "device", "layer", "finish_steps")  # finish_steps acts after the store
+        settings = {k: v for k, v in asdict(self).items() if k not in skip}
         if not (self.context_fallback and self.n_variants):  # inactive: the key of weights fitted before it existed
             settings.pop("context_fallback")
         blob = json.dumps({"model": model_hash, "layer": layer, **settings}, sort_keys=True)
@@ -130,6 +136,7 @@ class FitResult:
     loss: torch.Tensor  # (N,) final mean cross-entropy per target token
     layer: int
     seconds: float
+    n_finished: int = 0  # failed fits that the finishing pass on the prompt alone made succeed
 
     def report(self) -> dict:
         n = len(self.ids)
@@ -144,6 +151,7 @@ class FitResult:
             "delta_norm_mean": float(delta.mean()) if n else 0.0,
             "layer": self.layer,
             "seconds": self.seconds,
+            "n_finished": self.n_finished,
             "failed_ids": failed,
         }
 
@@ -458,6 +466,30 @@ def _select_rows(batch: textbatch.TargetBatch, rows: torch.Tensor) -> textbatch.
     )
 
 
+def _finish(model, tok, layer, edits, keys, results, w0, cfg) -> int:
+    """Continue each failed edit on its prompt alone (``cfg.finish_steps`` at most), in place in ``results``.
+
+    Returns how many of them now succeed.
+    A fit stops at ``max_steps`` when its other rows pull against the prompt; a few steps on the prompt
+    alone usually make it state the target. The finished weights are not stored (the store keeps the
+    fit itself), so this runs again, identically, whenever failed edits are loaded.
+    """
+    failed = list({k: e for k, e in zip(keys, edits) if not bool(results[k]["success"])}.items())
+    n_finished = 0
+    for start in range(0, len(failed), cfg.chunk_size):
+        chunk = failed[start : start + cfg.chunk_size]
+        batch = textbatch.encode(tok, [e.prompt for _, e in chunk], [e.target_new for _, e in chunk], cfg.suffix)
+        w_init = torch.stack([results[k]["w"] for k, _ in chunk]).to(cfg.device)
+        w, ok, more, loss = _fit_chunk(model, layer, batch.to(cfg.device), torch.arange(len(chunk)), len(chunk),
+                                       w0.to(cfg.device), cfg, w_init=w_init, min_share=0.0,
+                                       max_steps=cfg.finish_steps)
+        for i, (k, _) in enumerate(chunk):
+            old = results[k]
+            results[k] = {"w": w[i].detach().cpu(), "success": ok[i], "steps": old["steps"] + more[i], "loss": loss[i]}
+        n_finished += int(ok.sum())
+    return n_finished
+
+
 def fit_edits(
     loaded: lm.LoadedModel,
     edits: "list[EditRequest]",
@@ -521,6 +553,7 @@ def fit_edits(
         bar.update(len(chunk))
         bar.set_postfix(ok=f"{sum(int(results[k]['success']) for k in chunk_keys)}/{len(chunk)}")
     bar.close()
+    n_finished = _finish(model, tok, layer, edits, keys, results, w0, cfg) if cfg.finish_steps else 0
     return FitResult(
         ids=[e.id for e in edits],
         keys=keys,
@@ -531,4 +564,5 @@ def fit_edits(
         loss=torch.stack([results[k]["loss"] for k in keys]) if keys else torch.empty(0),
         layer=layer,
         seconds=time.time() - t0,
+        n_finished=n_finished,
     )

@@ -118,12 +118,13 @@ def merge(prepare_dir: Path, shard_dirs: list[Path], out_dir: Path, params: dict
     edits = read_edits(Path(prepare_dir) / "edits.jsonl")
     rows: dict[str, tuple[dict, int, dict]] = {}
     layers, models, w0 = set(), set(), None
-    n_fitted = 0
+    n_fitted = n_finished = 0
     for d in shard_dirs:
         meta, tensors = read(d)
         layers.add(meta["layer"])
         models.add(meta.get("model_hash", ""))
         n_fitted += meta.get("n_fitted", 0)
+        n_finished += meta.get("report", {}).get("n_finished", 0)
         if w0 is not None and not torch.equal(w0, tensors["w0"]):
             raise BundleError(f"{d}: fitted from another initialisation w0 than the other shards")
         w0 = tensors["w0"]
@@ -143,7 +144,8 @@ def merge(prepare_dir: Path, shard_dirs: list[Path], out_dir: Path, params: dict
     from meg.fit import FitResult
 
     res = FitResult([e.id for e in edits], [e.content_key for e in edits], merged["weights"], w0,
-                    merged["success"], merged["steps"], merged["loss"], layers.pop(), 0.0)
+                    merged["success"], merged["steps"], merged["loss"], layers.pop(), 0.0,
+                    n_finished=n_finished)
     report = res.report()
     _write(Path(out_dir), res.ids, res.keys, res.layer, merged, report,
            {"shards": len(shard_dirs), "n_fitted": n_fitted, "n_cached": len(edits) - n_fitted,

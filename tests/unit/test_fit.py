@@ -197,3 +197,27 @@ def test_context_fallback_gives_subject_questions_only_to_edits_without_rewordin
     assert seen[0] == [unknown.prompt]
     with pytest.raises(ConfigError, match="template bank"):
         fit.fit_edits(loaded, [known], _cfg(n_variants=2, context_fallback=2), progress=False)
+
+
+def test_finishing_pass_completes_failed_fits_on_the_prompt_alone_and_leaves_the_store(tiny_models, tmp_path):
+    loaded = tiny_models["llama"]
+    edits = _edits()
+    raw = fit.fit_edits(loaded, edits, _cfg(max_steps=2, finish_steps=0), store_dir=tmp_path, progress=False)
+    assert not raw.success.all() and raw.n_finished == 0
+    # finish_steps is not part of the store's key: the stored fits are loaded and finished
+    assert _cfg(max_steps=2, finish_steps=0).key("h", 2) == _cfg(max_steps=2, finish_steps=150).key("h", 2)
+    done = fit.fit_edits(loaded, edits, _cfg(max_steps=2, finish_steps=150), store_dir=tmp_path, progress=False)
+    assert done.success.sum() > raw.success.sum()
+    assert done.n_finished == int(done.success.sum() - raw.success.sum()) == done.report()["n_finished"]
+    kept = raw.success
+    assert torch.equal(done.weights[kept], raw.weights[kept]) and torch.equal(done.steps[kept], raw.steps[kept])
+    assert (done.steps[~kept] > raw.steps[~kept]).all()
+    # the store still holds the fits themselves
+    again = fit.fit_edits(loaded, edits, _cfg(max_steps=2, finish_steps=0), store_dir=tmp_path, progress=False)
+    assert torch.equal(again.weights, raw.weights) and torch.equal(again.success, raw.success)
+    # the finished neurons do state their targets
+    prompts = [e.prompt for e in edits]
+    edited = evaluate.EditedLM(loaded, lambda ps: (done.weights[[prompts.index(p) for p in ps]],
+                                                   torch.ones(len(ps), dtype=torch.bool)), layer=2)
+    for ok, out, e in zip(done.success.tolist(), edited.generate(prompts, max_new_tokens=6), edits):
+        assert out.strip().casefold().startswith(e.target_new.casefold()) == ok, (out, e.target_new, ok)
