@@ -1,6 +1,8 @@
 """Contradicting siblings in an edit set, and how a method's generality splits over them.
 
     python -m bench.siblings --dataset zsre --n-edits 1037 --records OUT.records.jsonl --out SIB.json
+    python -m bench.siblings --dataset zsre --n-edits 1037 --records before=A.records.jsonl \
+        --records after=B.records.jsonl --out SIB.json
 
 Two edits are *contradicting siblings* when they share a subject and differ in their new target
 ("What company made USS Leedstown?" -> A, "Which corporation created USS Leedstown?" -> B). For
@@ -11,8 +13,10 @@ then answers it with the sibling's target, and a method that answers it with the
 contradicts the sibling's fact.
 
 This reads the evaluation paraphrases, so it is an analysis of results, never an input of a build.
-With ``--records`` (per-edit outputs of ``bench.quality``), Rel / Gen AG of every method are given
-separately for edits without a sibling, with a sibling, and with an ambiguous paraphrase.
+With ``--records`` (per-edit outputs of ``bench.quality``, repeatable), Rel / Gen AG of every method
+are given separately for edits without a sibling, with a sibling, and with an ambiguous paraphrase.
+``--records LABEL=PATH`` names the methods of that file LABEL (one method) or LABEL/METHOD (several),
+so runs of the same method can stand side by side.
 """
 
 from __future__ import annotations
@@ -56,19 +60,31 @@ def classify(edits: list, encode) -> list[str]:
     return kind
 
 
-def split_metrics(kind: list[str], edits: list, records: Path) -> dict:
-    """{method: {group: {"n", "rel_ag", "gen_ag"}}} from a bench.quality records file."""
+def split_metrics(kind: list[str], edits: list, records: Path | list, label: str | None = None) -> dict:
+    """{method: {group: {"n", "rel_ag", "gen_ag"}}} from bench.quality records files.
+
+    ``records`` is one path or a list of paths / (label, path) pairs; see the module doc for labels.
+    """
+    if isinstance(records, Path):
+        records = [(label, records)]
     group_of = {e.id: k for e, k in zip(edits, kind)}
     sums: dict = defaultdict(lambda: defaultdict(lambda: [0, 0, 0]))
-    with records.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                r = json.loads(line)
-                method, rid, rel, gen = r["method"], r["id"], r["rel_ag"], r["gen_ag"]
-            except (ValueError, KeyError) as e:
-                raise SystemExit(f"{records}: record {n}: not a bench.quality record ({e})")
+    for item in records:
+        name, path = item if isinstance(item, tuple) else (None, item)
+        rows = []
+        with Path(path).open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    r = json.loads(line)
+                    rows.append((r["method"], r["id"], r["rel_ag"], r["gen_ag"]))
+                except (ValueError, KeyError) as e:
+                    raise SystemExit(f"{path}: record {n}: not a bench.quality record ({e})")
+        methods = {m for m, *_ in rows}
+        for method, rid, rel, gen in rows:
             if rid not in group_of:
                 continue
+            if name:
+                method = name if len(methods) == 1 else f"{name}/{method}"
             for g in (group_of[rid], "all"):
                 s = sums[method][g]
                 s[0] += 1
@@ -84,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--dataset", choices=["counterfact", "zsre"])
     src.add_argument("--facts", type=Path)
     p.add_argument("--n-edits", type=int, default=None)
-    p.add_argument("--records", type=Path, default=None, help="per-edit outputs of bench.quality")
+    p.add_argument("--records", action="append", default=[], metavar="[LABEL=]PATH",
+                   help="per-edit outputs of bench.quality (repeatable)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     edits = facts.load_benchmark(args.dataset, "edit") if args.dataset else facts.read_facts(args.facts)
@@ -95,13 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(edits)} edits: {counts['alone']} without a contradicting sibling, {counts['sibling']} with one, "
           f"{counts['ambiguous']} whose paraphrase is at least as close to a sibling's prompt")
     if args.records:
-        result["methods"] = split_metrics(kind, edits, args.records)
-        print(f"{'method':<16} {'group':<10} {'n':>5} {'Rel AG':>7} {'Gen AG':>7}")
+        pairs = [(None, Path(r)) if Path(r).is_file() or "=" not in r else (r.partition("=")[0] or None,
+                 Path(r.partition("=")[2])) for r in args.records]
+        result["methods"] = split_metrics(kind, edits, pairs)
+        width = max(16, *(len(m) for m in result["methods"]))
+        print(f"{'method':<{width}} {'group':<10} {'n':>5} {'Rel AG':>7} {'Gen AG':>7}")
         for m, groups in result["methods"].items():
             for g in ("alone", "sibling", "ambiguous", "all"):
                 if g in groups:
                     s = groups[g]
-                    print(f"{m:<16} {g:<10} {s['n']:>5} {s['rel_ag']:>7.1f} {s['gen_ag']:>7.1f}")
+                    print(f"{m:<{width}} {g:<10} {s['n']:>5} {s['rel_ag']:>7.1f} {s['gen_ag']:>7.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"results: {args.out}")

@@ -43,6 +43,15 @@ def test_metrics_split_per_group_and_bad_records_name_the_line(tmp_path):
     out = split_metrics(["ambiguous", "sibling", "alone", "alone", "alone"], EDITS, records)
     assert out["meg"]["ambiguous"] == {"n": 1, "rel_ag": 100.0, "gen_ag": 0.0}
     assert out["meg"]["alone"]["n"] == 3 and out["meg"]["all"]["gen_ag"] == 80.0
+    # labelled files stand side by side: one method -> the label, several -> label/method
+    other = tmp_path / "o.jsonl"
+    other.write_text("".join(json.dumps({**r, "gen_ag": True}) + "\n" for r in rows)
+                     + "".join(json.dumps({**r, "method": "ft", "rel_ag": False}) + "\n" for r in rows))
+    both = split_metrics(["ambiguous", "sibling", "alone", "alone", "alone"], EDITS,
+                         [("before", records), ("after", other)])
+    assert set(both) == {"before", "after/meg", "after/ft"}
+    assert both["before"] == out["meg"] and both["after/meg"]["all"]["gen_ag"] == 100.0
+    assert both["after/ft"]["all"]["rel_ag"] == 0.0
     records.write_text(json.dumps(rows[0]) + "\n{not json\n")
     with pytest.raises(SystemExit, match=r"r.jsonl: record 2"):
         split_metrics(["alone"] * 5, EDITS, records)
