@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = dict(settings)
         layer = settings.pop("layer")
         cfg = fit.FitConfig(**settings)
-        uses_bank = cfg.uses_bank
-        row = sweep.sweep_layers(loaded, edits, [layer], cfg, progress=False, bank=bank if uses_bank else None)[0]
+        row = sweep.sweep_layers(loaded, edits, [layer], cfg, progress=False, bank=bank if cfg.uses_bank else None)[0]
         row.update(settings)
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -60,17 +60,16 @@ def classify(edits: list, encode) -> list[str]:
     return kind
 
 
-def split_metrics(kind: list[str], edits: list, records: Path | list, label: str | None = None) -> dict:
+def split_metrics(kind: list[str], edits: list, records: Path | list[tuple[str | None, Path]]) -> dict:
     """{method: {group: {"n", "rel_ag", "gen_ag"}}} from bench.quality records files.
 
-    ``records`` is one path or a list of paths / (label, path) pairs; see the module doc for labels.
+    ``records`` is one path or a list of (label or None, path) pairs; see the module doc for labels.
     """
     if isinstance(records, Path):
-        records = [(label, records)]
+        records = [(None, records)]
     group_of = {e.id: k for e, k in zip(edits, kind)}
     sums: dict = defaultdict(lambda: defaultdict(lambda: [0, 0, 0]))
-    for item in records:
-        name, path = item if isinstance(item, tuple) else (None, item)
+    for name, path in records:
         rows = []
         with Path(path).open(encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -94,6 +93,12 @@ def split_metrics(kind: list[str], edits: list, records: Path | list, label: str
                 for g, s in groups.items()} for m, groups in sums.items()}
 
 
+def _labelled(arg: str) -> tuple[str | None, Path]:
+    """"LABEL=PATH" -> (LABEL, PATH); a bare path (also one holding "=", if it exists) -> (None, PATH)."""
+    label, sep, path = arg.partition("=")
+    return (label or None, Path(path)) if sep and not Path(arg).is_file() else (None, Path(arg))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -112,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(edits)} edits: {counts['alone']} without a contradicting sibling, {counts['sibling']} with one, "
           f"{counts['ambiguous']} whose paraphrase is at least as close to a sibling's prompt")
     if args.records:
-        pairs = [(None, Path(r)) if Path(r).is_file() or "=" not in r else (r.partition("=")[0] or None,
-                 Path(r.partition("=")[2])) for r in args.records]
-        result["methods"] = split_metrics(kind, edits, pairs)
+        result["methods"] = split_metrics(kind, edits, [_labelled(r) for r in args.records])
         width = max(16, *(len(m) for m in result["methods"]))
         print(f"{'method':<{width}} {'group':<10} {'n':>5} {'Rel AG':>7} {'Gen AG':>7}")
         for m, groups in result["methods"].items():

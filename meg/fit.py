@@ -467,9 +467,9 @@ def _select_rows(batch: textbatch.TargetBatch, rows: torch.Tensor) -> textbatch.
 
 
 def _finish(model, tok, layer, edits, keys, results, w0, cfg) -> int:
-    """Continue each failed edit on its prompt alone (``cfg.finish_steps`` at most), in place in ``results``.
+    """Continue each failed edit on its prompt alone (``cfg.finish_steps`` at most), in place in ``results``;
+    returns how many of them now succeed.
 
-    Returns how many of them now succeed.
     A fit stops at ``max_steps`` when its other rows pull against the prompt; a few steps on the prompt
     alone usually make it state the target. The finished weights are not stored (the store keeps the
     fit itself), so this runs again, identically, whenever failed edits are loaded.

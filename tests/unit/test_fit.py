@@ -216,8 +216,6 @@ def test_finishing_pass_completes_failed_fits_on_the_prompt_alone_and_leaves_the
     again = fit.fit_edits(loaded, edits, _cfg(max_steps=2, finish_steps=0), store_dir=tmp_path, progress=False)
     assert torch.equal(again.weights, raw.weights) and torch.equal(again.success, raw.success)
     # the finished neurons do state their targets
-    prompts = [e.prompt for e in edits]
-    edited = evaluate.EditedLM(loaded, lambda ps: (done.weights[[prompts.index(p) for p in ps]],
-                                                   torch.ones(len(ps), dtype=torch.bool)), layer=2)
-    for ok, out, e in zip(done.success.tolist(), edited.generate(prompts, max_new_tokens=6), edits):
+    edited = evaluate.EditedLM(loaded, _lookup(edits, done.weights), layer=2)
+    for ok, out, e in zip(done.success.tolist(), edited.generate([e.prompt for e in edits], max_new_tokens=6), edits):
         assert out.strip().casefold().startswith(e.target_new.casefold()) == ok, (out, e.target_new, ok)
