@@ -5,8 +5,9 @@
     python -m bench.quality --dataset counterfact --n-edits 1000 --methods meg --work-dir /tmp/w \\
         --variant meg-mlp:generator.denoiser=mlp --variant meg-frozen:encoder.trainable=none --out OUT.json
 
-Edits are applied as one batch, then every edit is evaluated (protocol: meg.evaluate). Writes
-OUT.json ({"model", "dataset", "n_edits", "methods": {NAME: metrics}, "details": {NAME: ...}},
+Edits are applied as one batch, then every edit is evaluated (protocol: meg.evaluate), or with
+``--eval-edits M`` the first M of them (large scale series: the same questions at every size). Writes
+OUT.json ({"model", "dataset", "n_edits", "n_evaluated", "methods": {NAME: metrics}, "details": {NAME: ...}},
 percentages 0-100), the per-edit outputs beside it (OUT.records.jsonl), a self-contained HTML report
 (OUT.html, plots in OUT_plots/; meg.report), and prints a table. With --mlflow ROOT (or
 MLFLOW_TRACKING_URI set) the metrics and the report are logged to one MLflow run.
@@ -72,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--facts", type=Path, help="any fact file the readers accept")
     p.add_argument("--n-edits", type=int, default=256, help="the first N edits of the set")
     p.add_argument("--methods", default="none,ft", help=f"comma-separated, from {','.join(EDITORS)}")
+    p.add_argument("--eval-edits", type=int, default=None, metavar="M",
+                   help="ask the questions of the first M edits only (all N are applied); default all")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="an extra MeG method with these settings changed (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting of the meg method")
@@ -87,6 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"unknown method {m!r}; choose from {', '.join(EDITORS)}")
     if args.n_edits < 1:
         p.error("--n-edits must be >= 1")
+    if args.eval_edits is not None and not 1 <= args.eval_edits:
+        p.error("--eval-edits must be >= 1")
     try:
         args.meg_settings = parse_settings(",".join(args.set), "--set")
         args.variants = parse_variants(args.variant, reserved=EDITORS)
@@ -121,10 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     loaded = lm.load_model(args.model)
     methods = [m for m in args.methods.split(",") if m] + list(args.variants)
     print(f"bench.quality: {len(edits)} edits from {dataset}, model {loaded.model_id}", flush=True)
-    result = run_methods(loaded, edits, dataset, methods, args.batch_size, editor_factory=editor_factory(args))
+    n_evaluated = min(args.eval_edits, len(edits)) if args.eval_edits else None
+    if n_evaluated:
+        print(f"bench.quality: the questions of the first {n_evaluated} edits are asked", flush=True)
+    result = run_methods(loaded, edits, dataset, methods, args.batch_size, editor_factory=editor_factory(args),
+                         n_evaluated=n_evaluated)
     records = result.write(args.out)
     report = write_report(args.out.parent, result.methods, result.records, confusion=result.extras,
-                          name=args.out.stem, title=f"Knowledge editing: {len(edits)} edits from {dataset}",
+                          name=args.out.stem, title=f"Knowledge editing: {len(edits)} edits from {dataset}"
+                          + (f", the first {n_evaluated} evaluated" if n_evaluated else ""),
                           context={"model": loaded.model_id, "dataset": dataset, "n_edits": len(edits)})
     print(result.table())
     print(f"results: {args.out}  per-edit outputs: {records}  report: {report}")

@@ -7,7 +7,8 @@
 Every file is one bench.quality run (``dataset``, ``n_edits``, ``model``, ``methods``); runs of
 other datasets or models are skipped. A method measured at the same size by several files keeps
 the one given last on the command line (list the files in the order they should override), and
-the table says which file each number comes from. The PNG has four panels (Score, Rel AG, Gen AG,
+the table says which file each number comes from and how many of the edits were evaluated
+(``bench.quality --eval-edits``: the first ones). The PNG has four panels (Score, Rel AG, Gen AG,
 Loc AG) against the number of edits, one line per method, on a logarithmic axis.
 """
 
@@ -59,7 +60,8 @@ def collect(paths: list[Path], dataset: str, model: str | None = None,
             continue
         for name, metrics in run["methods"].items():
             if methods is None or name in methods:
-                points[(name, run["n_edits"])] = {**metrics, "file": Path(path).name}
+                points[(name, run["n_edits"])] = {**metrics, "file": Path(path).name,
+                                                  "n_evaluated": run.get("n_evaluated") or run["n_edits"]}
     return points
 
 
@@ -70,12 +72,12 @@ def _fmt(x, digits: int = 1) -> str:
 def table(points: dict[tuple[str, int], dict], methods: list[str] | None = None) -> str:
     """Markdown: one row per method and size, in the order of ``methods`` then size."""
     order = methods or sorted({m for m, _ in points})
-    lines = ["| method | edits | Score | Rel AG | Gen AG | Loc AG | edit s | peak RSS MB | file |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | edits | evaluated | Score | Rel AG | Gen AG | Loc AG | edit s | peak RSS MB | file |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method in order:
         for n in sorted(n for m, n in points if m == method):
             p = points[(method, n)]
-            lines.append(f"| {method} | {n:,} | {_fmt(p['score'])} | {_fmt(p['rel_ag'])} | {_fmt(p['gen_ag'])} | "
+            lines.append(f"| {method} | {n:,} | {p.get('n_evaluated', n):,} | {_fmt(p['score'])} | {_fmt(p['rel_ag'])} | {_fmt(p['gen_ag'])} | "
                          f"{_fmt(p['loc_ag'])} | {_fmt(p.get('edit_seconds'), 0)} | {_fmt(p.get('peak_rss_mb'), 0)} | "
                          f"`{p['file']}` |")
     return "\n".join(lines) + "\n"

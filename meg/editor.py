@@ -44,7 +44,8 @@ BUNDLE_FORMAT = 1
 
 @dataclass
 class MegConfig:
-    fit: fit.FitConfig = field(default_factory=lambda: fit.FitConfig(n_variants=4, context_fallback=4))
+    fit: fit.FitConfig = field(default_factory=lambda: fit.FitConfig(
+        n_variants=4, context_fallback=4, head_candidates=64, head_refresh=10))
     encoder: dict = field(default_factory=dict)  # overrides of meg.encoder.EncoderConfig
     router: str = "nearest"  # "nearest" (cosine to the nearest edit) or "familiarity" (the paper's)
     router_options: dict = field(default_factory=dict)

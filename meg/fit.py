@@ -81,6 +81,11 @@ class FitConfig:
     # (its rewordings or other-relation questions held it back); 0 = off. Applied to stored fits as well, so it
     # leaves the fit store's key unchanged
     finish_steps: int = 20
+    # candidate vocabulary: 0 = the cross-entropy over the whole vocabulary at every step; k > 0 = over the
+    # tokens in the top k of some target position at the last whole-vocabulary step (plus the targets), the
+    # whole vocabulary every head_refresh-th step and before an edit is declared done
+    head_candidates: int = 0
+    head_refresh: int = 5
     seed: int = 0  # seed of the shared initialisation w0 and of the prefixes
     device: str = "cpu"
 
@@ -105,6 +110,8 @@ class FitConfig:
             "dtype": self.dtype in ("float32", "bfloat16"),
             "fixup_steps": self.fixup_steps >= 0,
             "finish_steps": self.finish_steps >= 0,
+            "head_candidates": self.head_candidates >= 0,
+            "head_refresh": self.head_refresh >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -121,6 +128,9 @@ class FitConfig:
         settings = {k: v for k, v in asdict(self).items() if k not in skip}
         if not (self.context_fallback and self.n_variants):  # inactive: the key of weights fitted before it existed
             settings.pop("context_fallback")
+        if not self.head_candidates:  # whole-vocabulary fits keep the key they had before the option existed
+            settings.pop("head_candidates")
+            settings.pop("head_refresh")
         blob = json.dumps({"model": model_hash, "layer": layer, **settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -187,6 +197,42 @@ def replay_from(model: nn.Module, start: int, holder: dict) -> Iterator[None]:
             layers[i] = original
 
 
+@contextmanager
+def last_ffn_at(model: nn.Module, holder: dict) -> Iterator[None]:
+    """Run the FFN of the last layer only at the positions ``holder["rows"], holder["cols"]``.
+
+    Only the scored positions of the last layer's output reach the loss, and an FFN acts on each
+    position alone, so elsewhere its output is left at zero: the logits at the scored positions are
+    unchanged while the last FFN, most of that layer's cost, runs on a few positions per row.
+    Without ``"rows"`` in ``holder`` the FFN runs everywhere.
+    """
+    ffn = lm.ffn_module(model, len(lm.decoder_layers(model)) - 1)
+    shape: dict = {}
+
+    def gather(module, args, kwargs):
+        if "rows" not in holder:
+            return None
+        x = args[0] if args else next(iter(kwargs.values()))
+        shape["x"] = x.shape
+        picked = x[holder["rows"], holder["cols"]].unsqueeze(0)  # (1, N, D)
+        return ((picked,), {}) if args else ((), {next(iter(kwargs)): picked})
+
+    def scatter(module, args, kwargs, output):
+        if "rows" not in holder:
+            return None
+        out = output[0] if isinstance(output, tuple) else output
+        full = out.new_zeros(shape["x"][:-1] + out.shape[-1:]).index_put((holder["rows"], holder["cols"]), out[0])
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+    h1 = ffn.register_forward_pre_hook(gather, with_kwargs=True)
+    h2 = ffn.register_forward_hook(scatter, with_kwargs=True)
+    try:
+        yield
+    finally:
+        h1.remove()
+        h2.remove()
+
+
 def _run_base(model: nn.Module, batch: textbatch.TargetBatch) -> None:
     model.base_model(
         input_ids=batch.input_ids,
@@ -245,6 +291,27 @@ def layer_states(
         h1.remove()
         h2.remove()
     return captured["x"], captured["f"], captured["h"]
+
+
+def layer_states_by_length(model: nn.Module, layer: int, batch: textbatch.TargetBatch,
+                           group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``layer_states`` in float32, computed ``group`` rows at a time in order of length so that short rows
+    are not padded to the longest row of the batch; zeros at padded positions."""
+    lengths = batch.attention_mask.sum(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    r, t = batch.input_ids.shape
+    out = None
+    for start in range(0, r, group):
+        rows = order[start : start + group]
+        width = int(lengths[rows].max())
+        part = textbatch.TargetBatch(batch.input_ids[rows, :width], batch.attention_mask[rows, :width],
+                                     *(torch.empty(0, dtype=torch.long) for _ in range(4)), batch.n_target[rows])
+        states = layer_states(model, layer, part)
+        if out is None:
+            out = [states[0].new_zeros((r, t, s.shape[-1]), dtype=torch.float32) for s in states]
+        for o, s in zip(out, states):
+            o[rows, :width] = s.float()
+    return tuple(out)
 
 
 def ffn_delta_fn(model: nn.Module, layer: int):
@@ -352,6 +419,48 @@ def _adam_step(w, grad, state, lr, rows, b1=0.9, b2=0.999, eps=1e-8):
     w[rows] -= lr * mhat / (vhat.sqrt() + eps)
 
 
+class _Vocab:
+    """The candidate vocabulary of a fit (``FitConfig.head_candidates``): on most steps the cross-entropy is
+    taken over the tokens that rank in the top ``k`` at some scored position on the last whole-vocabulary
+    step, plus every target token; each ``refresh``-th step uses the whole vocabulary and renews the set.
+    An edit is only declared done after a check on the whole vocabulary. ``k == 0``: always the whole vocabulary.
+    """
+
+    def __init__(self, k: int, refresh: int):
+        self.k, self.refresh = k, refresh
+        self.ids: torch.Tensor | None = None  # sorted token ids, or None for the whole vocabulary
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, keep: bool = False) -> None:
+        if not self.k:
+            return
+        found = [labels, logits.topk(min(self.k, logits.shape[-1]), dim=-1).indices.flatten()]
+        if keep and self.ids is not None:
+            found.append(self.ids)
+        self.ids = torch.cat(found).unique()
+
+    def index(self, labels: torch.Tensor) -> torch.Tensor:
+        """Column of each token id in the candidate logits."""
+        return torch.searchsorted(self.ids, labels)
+
+
+def _status(ce, correct, owner, n_rows, row_edit, main_of_row, n_active, min_share):
+    """Per active edit: mean loss over its rows, whether its prompt row is right, whether enough other rows are.
+
+    ``ce`` and ``correct`` are per scored position; ``owner`` maps positions to rows, ``row_edit`` rows to
+    active edits, ``main_of_row`` marks each edit's prompt row.
+    """
+    row_loss = textbatch.per_row_mean(ce, owner, n_rows)
+    edit_loss = torch.zeros(n_active).index_add(0, row_edit, row_loss)
+    edit_loss = edit_loss / torch.bincount(row_edit, minlength=n_active).clamp(min=1)
+    row_ok = textbatch.per_row_all(correct, owner, n_rows)
+    main_ok = torch.zeros(n_active, dtype=torch.bool).index_put((row_edit[main_of_row],), row_ok[main_of_row])
+    other = ~main_of_row
+    n_other = torch.zeros(n_active).index_add(0, row_edit[other], torch.ones(int(other.sum())))
+    other_ok = torch.zeros(n_active).index_add(0, row_edit[other], row_ok[other].float())
+    share_ok = other_ok >= min_share * n_other - 1e-6  # True for edits with no other rows
+    return edit_loss, main_ok, share_ok
+
+
 def _fit_chunk(model, layer, batch, edit_of_row, n_edits, w0, cfg, w_init=None, min_share=None, max_steps=None):
     """Optimise one chunk of edits; returns weights, success, steps and loss per edit.
 
@@ -366,7 +475,7 @@ def _fit_chunk(model, layer, batch, edit_of_row, n_edits, w0, cfg, w_init=None, 
     is_main = torch.ones_like(edit_of_row, dtype=torch.bool)
     is_main[1:] = edit_of_row[1:] != edit_of_row[:-1]  # (R,) rows of an edit are contiguous, prompt first
     # (R, T, D) each: FFN input, FFN output, layer output; float32 whatever the model computes in
-    x_all, f_all, h_all = (t.float() for t in layer_states(model, layer, batch))
+    x_all, f_all, h_all = layer_states_by_length(model, layer, batch, cfg.chunk_size)
     act = neuron.activation_fn(cfg.act, model)
     d = x_all.shape[-1]
     dtype = next(model.parameters()).dtype
@@ -378,12 +487,14 @@ def _fit_chunk(model, layer, batch, edit_of_row, n_edits, w0, cfg, w_init=None, 
     steps = torch.zeros(n_edits, dtype=torch.long)
     loss_out = torch.full((n_edits,), float("nan"))
     holder: dict = {}
-    with replay_from(model, layer + 1, holder):
+    vocab = _Vocab(cfg.head_candidates, cfg.head_refresh)
+    with last_ffn_at(model, holder), replay_from(model, layer + 1, holder):
         for step in range(max_steps + 1):
             active = (~done).nonzero().flatten()  # (A,) edits still training
             if active.numel() == 0:
                 break
             row_sel = torch.isin(edit_of_row, active).nonzero().flatten()
+            main_of_row = is_main[row_sel]  # (R',) the edit prompt's own row
             sub = _select_rows(batch, row_sel)
             remap = torch.full((n_edits,), -1, dtype=torch.long)
             remap[active] = torch.arange(active.numel())
@@ -393,23 +504,40 @@ def _fit_chunk(model, layer, batch, edit_of_row, n_edits, w0, cfg, w_init=None, 
             x = x_all.index_select(0, row_sel)  # (R', T, D)
             z = act(torch.einsum("rtd,rd->rt", x, k) + b[:, None])  # (R', T)
             delta = z.unsqueeze(-1) * v[:, None, :]  # (R', T, D)
+            holder["rows"], holder["cols"] = sub.rows, sub.cols
             holder["h"] = combine(f_all.index_select(0, row_sel), h_all.index_select(0, row_sel), delta).to(dtype)
-            logits = textbatch.logits_at(model, sub)
-            ce = torch.nn.functional.cross_entropy(logits, sub.labels, reduction="none")
-            row_loss = textbatch.per_row_mean(ce, sub.owner, row_sel.numel())
-            edit_loss = torch.zeros(active.numel()).index_add(0, row_edit, row_loss)
-            edit_loss = edit_loss / torch.bincount(row_edit, minlength=active.numel()).clamp(min=1)
-            correct = logits.argmax(-1) == sub.labels
-            row_ok = textbatch.per_row_all(correct, sub.owner, row_sel.numel())
-            main = is_main[row_sel]  # (R',) the edit prompt's own row
-            main_ok = torch.zeros(active.numel(), dtype=torch.bool).index_put((row_edit[main],), row_ok[main])
-            n_other = torch.zeros(active.numel()).index_add(0, row_edit[~main], torch.ones(int((~main).sum())))
-            other_ok = torch.zeros(active.numel()).index_add(0, row_edit[~main], row_ok[~main].float())
-            share_ok = other_ok >= min_share * n_other - 1e-6  # True for edits with no other rows
+            hidden = textbatch.hidden_at(model, sub)  # (N, D) at the target positions
+            full_step = vocab.ids is None or step % vocab.refresh == 0
+            if full_step:
+                logits = textbatch.head_logits(model, hidden)
+                labels = sub.labels
+                vocab.update(logits.detach(), sub.labels)
+            else:
+                logits = textbatch.head_logits(model, hidden, vocab.ids)
+                labels = vocab.index(sub.labels)
+            ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+            correct = logits.argmax(-1) == labels
+            edit_loss, main_ok, share_ok = _status(ce, correct, sub.owner, row_sel.numel(), row_edit, main_of_row,
+                                                   active.numel(), min_share)
             finished = main_ok & share_ok
+            report_loss = edit_loss.detach()
+            if not full_step:  # a candidate-vocabulary step: check on the whole vocabulary what it would decide
+                check = finished.clone() if step < max_steps else torch.ones_like(finished)
+                pos = check[row_edit[sub.owner]]
+                if pos.any():
+                    with torch.no_grad():
+                        exact = textbatch.head_logits(model, hidden[pos])
+                    vocab.update(exact, sub.labels[pos], keep=True)
+                    ce_x, correct_x = ce.detach().clone(), correct.clone()
+                    ce_x[pos] = torch.nn.functional.cross_entropy(exact, sub.labels[pos], reduction="none")
+                    correct_x[pos] = exact.argmax(-1) == sub.labels[pos]
+                    report_loss, main_x, share_x = _status(ce_x, correct_x, sub.owner, row_sel.numel(), row_edit,
+                                                           main_of_row, active.numel(), min_share)
+                    main_ok = torch.where(check, main_x, main_ok)
+                    finished = main_ok & share_x  # unchecked edits: share_x is share_ok
             if cfg.stop == "margin":
-                finished &= edit_loss.detach() < cfg.margin_ce
-            loss_out[active] = edit_loss.detach()
+                finished &= report_loss < cfg.margin_ce
+            loss_out[active] = report_loss
             success[active] = main_ok
             if step == max_steps:
                 break

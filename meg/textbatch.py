@@ -95,19 +95,35 @@ def per_row_all(flags: torch.Tensor, owner: torch.Tensor, n_rows: int) -> torch.
     return bad == 0
 
 
-def logits_at(model: torch.nn.Module, batch: TargetBatch) -> torch.Tensor:
-    """Logits at the scored positions only, (N, V): the LM head never sees the other positions."""
-    from meg import lm
-
+def hidden_at(model: torch.nn.Module, batch: TargetBatch) -> torch.Tensor:
+    """The final hidden states at the scored positions, (N, D): what the LM head reads."""
     out = model.base_model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=position_ids(batch.attention_mask),
         use_cache=False,
     )
-    hidden = out.last_hidden_state[batch.rows, batch.cols]  # (N, D)
-    logits = model.get_output_embeddings()(hidden)
+    return out.last_hidden_state[batch.rows, batch.cols]
+
+
+def head_logits(model: torch.nn.Module, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 logits of hidden states (N, D), over the whole vocabulary or over the token ids ``vocab``
+    (then column j is token ``vocab[j]``), with the model's final soft-cap if it has one."""
+    from meg import lm
+
+    head = model.get_output_embeddings()
+    if vocab is None:
+        logits = head(hidden)
+    else:
+        logits = hidden @ head.weight.index_select(0, vocab).T
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias.index_select(0, vocab)
     cap = lm.final_softcap(model)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits.float()
+
+
+def logits_at(model: torch.nn.Module, batch: TargetBatch) -> torch.Tensor:
+    """Logits at the scored positions only, (N, V): the LM head never sees the other positions."""
+    return head_logits(model, hidden_at(model, batch))

@@ -9,9 +9,9 @@ def _metrics(score, rel=90.0, gen=50.0, loc=95.0):
     return {"score": score, "rel_ag": rel, "gen_ag": gen, "loc_ag": loc, "edit_seconds": 12.3, "peak_rss_mb": 1000.0}
 
 
-def _run(tmp_path, name, dataset, n, methods, model="smollm2-135m"):
+def _run(tmp_path, name, dataset, n, methods, model="smollm2-135m", **extra):
     path = tmp_path / name
-    path.write_text(json.dumps({"dataset": dataset, "n_edits": n, "model": model, "methods": methods}))
+    path.write_text(json.dumps({"dataset": dataset, "n_edits": n, "model": model, "methods": methods, **extra}))
     return path
 
 
@@ -22,6 +22,7 @@ def test_table_and_plot_from_several_runs(tmp_path):
         _run(tmp_path, "a.json", "counterfact", 256, {"none": _metrics(0.0), "meg": _metrics(97.0)}),
         _run(tmp_path, "b.json", "counterfact", 1000, {"ft": _metrics(3.6), "meg": _metrics(90.0)}),
         _run(tmp_path, "c.json", "counterfact", 1000, {"meg": _metrics(96.0)}),  # a rerun: given last, kept
+        _run(tmp_path, "f.json", "counterfact", 4000, {"meg": _metrics(93.0)}, n_evaluated=1000),
         _run(tmp_path, "d.json", "zsre", 1037, {"meg": _metrics(80.0)}),  # another dataset: skipped
         _run(tmp_path, "e.json", "counterfact", 1000, {"meg": _metrics(1.0)}, model="gemma-3-270m"),  # other model
     ]
@@ -29,9 +30,10 @@ def test_table_and_plot_from_several_runs(tmp_path):
     assert main([str(f) for f in files] + ["--dataset", "counterfact", "--model", "smollm2-135m",
                                            "--methods", "none,ft,meg", "--table", str(table), "--png", str(png)]) == 0
     rows = [r for r in table.read_text().splitlines() if r.startswith("| ") and not r.startswith("| method")]
-    assert [r.split(" | ")[:3] for r in rows] == [["| none", "256", "0.0"], ["| ft", "1,000", "3.6"],
-                                                  ["| meg", "256", "97.0"], ["| meg", "1,000", "96.0"]]
-    assert "`c.json`" in rows[-1]
+    assert [r.split(" | ")[:4] for r in rows] == [
+        ["| none", "256", "256", "0.0"], ["| ft", "1,000", "1,000", "3.6"], ["| meg", "256", "256", "97.0"],
+        ["| meg", "1,000", "1,000", "96.0"], ["| meg", "4,000", "1,000", "93.0"]]  # 4,000 applied, 1,000 asked
+    assert "`c.json`" in rows[-2]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 

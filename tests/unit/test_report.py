@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import re
 
+import pytest
+
 from meg.report import confusion_from_records, failure_reason, failures, write_report
 
 
@@ -99,3 +101,25 @@ def test_benchmark_records_carry_routing_and_reach_the_report(tmp_path):
     assert "Router confusion" in page and "Failed edits" in page
     n_fail = sum(not r["rel_ag"] for r in meg_rows)
     assert f"edit prompt (reliability): {min(n_fail, 25)} of {n_fail} failures" in page or n_fail == 0
+
+
+def test_benchmark_asks_only_the_first_edits_when_told_but_applies_all(tmp_path):
+    from meg.benchmark import run_methods
+    from meg.editor import MegEditor
+    from tests.tiny_bundle import tiny_config, tiny_edits, tiny_loaded
+
+    edits = tiny_edits()
+    applied = {}
+
+    def factory(name):
+        editor = MegEditor(tiny_config(), progress=False)
+        apply = editor.apply
+        editor.apply = lambda loaded, given: applied.setdefault("n", len(given)) and apply(loaded, given)
+        return editor
+
+    result = run_methods(tiny_loaded(), edits, "counterfact", ["meg"], editor_factory=factory, n_evaluated=2)
+    assert applied["n"] == len(edits) > 2
+    assert [r["prompt"] for r in result.records["meg"]] == [e.prompt for e in edits[:2]]
+    assert result.summary()["n_evaluated"] == 2 and result.summary()["n_edits"] == len(edits)
+    with pytest.raises(ValueError, match="n_evaluated"):
+        run_methods(tiny_loaded(), edits, "counterfact", ["meg"], editor_factory=factory, n_evaluated=len(edits) + 1)
