@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from meg import facts, lm
-from meg.benchmark import run_methods
+from meg.benchmark import locality_labels, run_methods
 from meg.editors import EDITORS, make_editor
 from meg.report import write_report
 
@@ -129,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     n_evaluated = min(args.eval_edits, len(edits)) if args.eval_edits else None
     if n_evaluated:
         print(f"bench.quality: the questions of the first {n_evaluated} edits are asked", flush=True)
+    labels = None
+    if args.work_dir:  # the pre-edit answers are kept there: a scale series asks the same questions at every size
+        labels = locality_labels(loaded, edits[: n_evaluated or len(edits)], args.batch_size, args.work_dir)
     result = run_methods(loaded, edits, dataset, methods, args.batch_size, editor_factory=editor_factory(args),
-                         n_evaluated=n_evaluated)
+                         labels=labels, n_evaluated=n_evaluated)
     records = result.write(args.out)
     report = write_report(args.out.parent, result.methods, result.records, confusion=result.extras,
                           name=args.out.stem, title=f"Knowledge editing: {len(edits)} edits from {dataset}"

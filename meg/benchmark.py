@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -77,6 +79,36 @@ class BenchResult:
         return "\n".join(lines)
 
 
+def locality_labels(loaded: lm.LoadedModel, edits: list, batch_size: int = 32,
+                    cache_dir: Path | None = None) -> evaluate.LocalityLabels:
+    """The pre-edit model's answers to the edits' locality prompts; with ``cache_dir``, kept there under a key
+    of the model's content hash, the prompts and the batch size, so that runs on the same edits (a scale
+    series asks the same first edits at every size) compute them once."""
+    base = evaluate.EditedLM(loaded, batch_size=batch_size)
+    prompts = [e.locality[0].prompt if e.locality else e.prompt for e in edits]
+    path = None
+    if cache_dir is not None:
+        blob = json.dumps([loaded.content_hash, batch_size, evaluate.MAX_NEW_TOKENS, prompts])
+        path = Path(cache_dir) / f"locality-labels-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+        if path.is_file():
+            try:
+                labels = evaluate.LocalityLabels(**json.loads(path.read_text()))
+                if labels.prompts == prompts:
+                    print(f"locality labels of the pre-edit model: {path}", flush=True)
+                    return labels
+            except (ValueError, TypeError) as e:
+                print(f"locality labels: {path} is damaged, computed again: {e}", flush=True)
+    t0 = time.time()
+    labels = evaluate.locality_labels(base, edits)
+    print(f"locality labels from the pre-edit model: {time.time() - t0:.1f} s", flush=True)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"prompts": labels.prompts, "texts": labels.texts, "token_ids": labels.token_ids}))
+        os.replace(tmp, path)
+    return labels
+
+
 def run_methods(
     loaded: lm.LoadedModel,
     edits: list,
@@ -100,10 +132,7 @@ def run_methods(
         raise ValueError(f"n_evaluated must be in 1..{len(edits)}, got {n_evaluated}")
     asked = edits[:n_evaluated] if n_evaluated else edits
     if labels is None:
-        base = evaluate.EditedLM(loaded, batch_size=batch_size)
-        t0 = time.time()
-        labels = evaluate.locality_labels(base, asked)
-        print(f"locality labels from the pre-edit model: {time.time() - t0:.1f} s", flush=True)
+        labels = locality_labels(loaded, asked, batch_size)
     elif len(labels.prompts) != len(asked):
         raise ValueError(f"{len(labels.prompts)} locality labels for {len(asked)} evaluated edits")
     result = BenchResult(loaded.model_id, loaded.content_hash, dataset, len(edits),

@@ -123,3 +123,22 @@ def test_benchmark_asks_only_the_first_edits_when_told_but_applies_all(tmp_path)
     assert result.summary()["n_evaluated"] == 2 and result.summary()["n_edits"] == len(edits)
     with pytest.raises(ValueError, match="n_evaluated"):
         run_methods(tiny_loaded(), edits, "counterfact", ["meg"], editor_factory=factory, n_evaluated=len(edits) + 1)
+
+
+def test_locality_labels_are_kept_and_reused(tmp_path, monkeypatch):
+    from meg import benchmark, evaluate
+    from tests.tiny_bundle import tiny_edits, tiny_loaded
+
+    edits, loaded = tiny_edits(), tiny_loaded()
+    first = benchmark.locality_labels(loaded, edits, 4, tmp_path)
+    assert len(list(tmp_path.glob("locality-labels-*.json"))) == 1
+
+    def fail(*a, **k):
+        raise AssertionError("computed again")
+
+    monkeypatch.setattr(evaluate, "locality_labels", fail)
+    assert benchmark.locality_labels(loaded, edits, 4, tmp_path) == first
+    with pytest.raises(AssertionError, match="computed again"):  # other prompts or batch size: another key
+        benchmark.locality_labels(loaded, edits[:2], 4, tmp_path)
+    with pytest.raises(AssertionError, match="computed again"):
+        benchmark.locality_labels(loaded, edits, 8, tmp_path)
