@@ -85,6 +85,7 @@ def locality_labels(loaded: lm.LoadedModel, edits: list, batch_size: int = 32,
     of the model's content hash, the prompts and the batch size, so that runs on the same edits (a scale
     series asks the same first edits at every size) compute them once."""
     base = evaluate.EditedLM(loaded, batch_size=batch_size)
+    base.progress = True
     prompts = [e.locality[0].prompt if e.locality else e.prompt for e in edits]
     path = None
     if cache_dir is not None:
@@ -143,6 +144,7 @@ def run_methods(
             t0 = time.time()
             edited = editor.apply(loaded, edits)
             edited.batch_size = batch_size
+            edited.progress = True
             edit_seconds = time.time() - t0
             try:
                 res = evaluate.evaluate(edited, asked, labels)

@@ -90,6 +90,7 @@ class EditedLM:
     ):
         self.loaded, self.weights_fn, self.layer, self.act = loaded, weights_fn, layer, act
         self.batch_size = batch_size
+        self.progress = False  # progress bars over the batches of generate and score (long evaluations)
         self._restore = restore
 
     def close(self) -> None:
@@ -107,9 +108,14 @@ class EditedLM:
             w, active = self.weights_fn(prompts)
             neuron_mod.set_weights(w, active)
 
-    def _batches(self, n: int, key: Callable[[int], int]):
+    def _batches(self, n: int, key: Callable[[int], int], desc: str = ""):
         order = sorted(range(n), key=key)
-        for i in range(0, n, self.batch_size):
+        starts = range(0, n, self.batch_size)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=desc, unit="batch", mininterval=5.0)
+        for i in starts:
             yield order[i : i + self.batch_size]
 
     @torch.no_grad()
@@ -129,7 +135,7 @@ class EditedLM:
         tok, model = self.loaded.tokenizer, self.loaded.model
         out: list[list[int]] = [[] for _ in prompts]
         with self._neuron_ctx() as neuron_mod:
-            for idx in self._batches(len(prompts), key=lambda i: len(prompts[i])):
+            for idx in self._batches(len(prompts), key=lambda i: len(prompts[i]), desc="generate"):
                 batch_prompts = [prompts[i] for i in idx]
                 enc = tok(batch_prompts, return_tensors="pt", padding=True).to(model.device)
                 self._set(neuron_mod, batch_prompts)
@@ -166,7 +172,7 @@ class EditedLM:
         acc: list[float] = [0.0] * len(prompts)
         logp: list[float] = [0.0] * len(prompts)
         with self._neuron_ctx() as neuron_mod:
-            for idx in self._batches(len(prompts), key=lambda i: len(prompts[i])):
+            for idx in self._batches(len(prompts), key=lambda i: len(prompts[i]), desc="score"):
                 batch = textbatch.encode_ids(tok, [prompts[i] for i in idx], [target_ids[i] for i in idx])
                 batch = batch.to(self.loaded.model.device)
                 self._set(neuron_mod, [prompts[i] for i in idx])
