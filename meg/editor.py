@@ -461,7 +461,8 @@ def calibration_set(cfg: MegConfig, pool: list, bank=None):
 
     bank = bank or TemplateBank.from_records(pool)
     calib = pool[cfg.n_pseudo_encoder : cfg.n_pseudo_encoder + cfg.n_pseudo_calibration]
-    filler = pool[: cfg.n_pseudo_encoder]
+    # padding up to the edit count: the encoder's pseudo-edits, then those no stage uses
+    filler = pool[: cfg.n_pseudo_encoder] + pool[cfg.n_pseudo_encoder + cfg.n_pseudo_calibration :]
     same = [bank.other_relation(e.prompt, e.subject, i) for i, e in enumerate(calib)]
     return PseudoEdits(
         prompts=tuple(e.prompt for e in calib),

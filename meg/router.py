@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -547,11 +548,13 @@ class PseudoEdits:
                 | set(self.same_subject))
 
     def fitted(self, n_edits: int) -> tuple[list[str], list[str | None] | None, int]:
-        """(prompts, their subjects or None, how many are probed) of a pseudo edit set of n_edits."""
+        """(prompts, their subjects or None, how many are probed) of a pseudo edit set of n_edits, or of all
+        the pseudo prompts there are when they are fewer (with a warning)."""
         n_probe = min(n_edits, len(self.prompts))
         prompts = list(self.prompts[:n_probe]) + list(self.filler[: n_edits - n_probe])
-        if len(prompts) < n_edits:
-            raise ConfigError(f"pseudo-edits: {len(prompts)} prompts, but the router must be calibrated at {n_edits}")
+        if len(prompts) < n_edits:  # the calibration's edit set is smaller than the real one: say so
+            warnings.warn(f"pseudo-edits: {len(prompts)} prompts, fewer than the {n_edits} edits; the router is "
+                          f"calibrated on an edit set of {len(prompts)}")
         subjects = None
         if self.subjects and (self.filler_subjects or n_probe == n_edits):
             subjects = list(self.subjects[:n_probe]) + list(self.filler_subjects[: n_edits - n_probe])
@@ -563,7 +566,7 @@ class Calibration:
     """What calibrate_router chose and how it did on the pseudo-edits."""
 
     threshold: float
-    n_edits: int  # pseudo-edits fitted (= the real edit count)
+    n_edits: int  # pseudo-edits fitted: the real edit count, or all the pseudo prompts there are when fewer
     n_probed: int  # of them, how many had their paraphrase probed
     n_unrelated: int  # negatives: unrelated prompts plus same-subject prompts of other relations
     recall: float  # pseudo-edit paraphrases routed
@@ -608,7 +611,7 @@ def calibrate_router(
                                  texts={"edit": fitted[:n_probe], "paraphrase": paras, "unrelated": unrelated})
     if same:
         confusion["same_subject_routed"] = float(router.route(encode(same), same)[0].float().mean())
-    return Calibration(chosen["threshold"], n_edits, n_probe, len(negatives), chosen["recall"], chosen["rejection"],
+    return Calibration(chosen["threshold"], len(fitted), n_probe, len(negatives), chosen["recall"], chosen["rejection"],
                        chosen["edit_recall"], confusion)
 
 
