@@ -444,8 +444,14 @@ def encoder_for(cfg: MegConfig, pool: list, progress: bool = True, cache_root: P
             pass
     encoder = QueryEncoder(enc_cfg)
     if enc_cfg.trainable != "none":
-        encoder.finetune([e.prompt for e in train], [e.paraphrases[0] for e in train],
-                         [e.locality[0].prompt for e in train], progress=progress)
+        negatives = [[e.locality[0].prompt] for e in train]
+        if enc_cfg.same_subject_negatives:  # templates of the training pairs only: calibration's stay unseen
+            from meg.augment import TemplateBank
+
+            bank = TemplateBank.from_records(train)
+            for i, e in enumerate(train):
+                negatives[i].append(bank.other_relation(e.prompt, e.subject, i))
+        encoder.finetune([e.prompt for e in train], [e.paraphrases[0] for e in train], negatives, progress=progress)
     encoder.save(cache)
     return encoder
 
@@ -463,7 +469,7 @@ def calibration_set(cfg: MegConfig, pool: list, bank=None):
     calib = pool[cfg.n_pseudo_encoder : cfg.n_pseudo_encoder + cfg.n_pseudo_calibration]
     # padding up to the edit count: the encoder's pseudo-edits, then those no stage uses
     filler = pool[: cfg.n_pseudo_encoder] + pool[cfg.n_pseudo_encoder + cfg.n_pseudo_calibration :]
-    same = [bank.other_relation(e.prompt, e.subject, i) for i, e in enumerate(calib)]
+    same = [(i, bank.other_relation(e.prompt, e.subject, i)) for i, e in enumerate(calib)]
     return PseudoEdits(
         prompts=tuple(e.prompt for e in calib),
         paraphrases=tuple(e.paraphrases[0] for e in calib),
@@ -471,7 +477,8 @@ def calibration_set(cfg: MegConfig, pool: list, bank=None):
         filler=tuple(e.prompt for e in filler),
         subjects=tuple(e.subject for e in calib),
         filler_subjects=tuple(e.subject for e in filler),
-        same_subject=tuple(q for q in same if q),
+        same_subject=tuple(q for _, q in same if q),
+        same_subject_of=tuple(i for i, q in same if q),
     )
 
 

@@ -22,6 +22,7 @@ import importlib.util
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,6 +49,9 @@ class EncoderConfig:
     epochs: int = 1  # passes over the pairs
     max_steps: int | None = None  # stop after this many optimiser steps (None: all epochs)
     batch_size: int = 64  # pairs per step; the other originals of a batch are the negatives
+    # hard negatives besides each pair's same-relation prompt about another subject: also a question about the
+    # same subject on another relation (from the template bank of the training pairs), which must not match either
+    same_subject_negatives: bool = False
     max_length: int = 64  # tokens per text (longer ones are cut)
     seed: int = 0  # batch order and dropout
     device: str = "cpu"  # where the encoder runs
@@ -60,8 +64,9 @@ class EncoderConfig:
             raise bad("model", "'minilm' or a model directory")
         if self.trainable not in TRAINABLE:
             raise bad("trainable", " | ".join(TRAINABLE))
-        if not isinstance(self.symmetric, bool):
-            raise bad("symmetric", "true or false")
+        for name in ("symmetric", "same_subject_negatives"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
         for name in ("temperature", "lr"):
             value = getattr(self, name)
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -240,14 +245,14 @@ class QueryEncoder:
         self,
         anchors: list[str],
         positives: list[str],
-        negatives: list[str | None] | None = None,
+        negatives: "list[str | Sequence[str] | None] | None" = None,
         progress: bool = True,
     ) -> list[float]:
         """InfoNCE fine-tuning on (original, paraphrase) pairs; returns the loss of every step.
 
         anchors[i] is an original prompt and positives[i] one of its paraphrases. negatives[i]
-        (optional) is a hard negative of pair i, e.g. a prompt with the same relation and another
-        subject; the hard negatives of a batch are extra keys for all of its paraphrases.
+        (optional) is a hard negative of pair i, or several, e.g. a prompt with the same relation and
+        another subject; the hard negatives of a batch are extra keys for all of its paraphrases.
         """
         cfg = self.config
         if len(anchors) != len(positives) or (negatives is not None and len(negatives) != len(anchors)):
@@ -273,7 +278,9 @@ class QueryEncoder:
                 opt.zero_grad(set_to_none=True)  # the reference loop never did this
                 q = self._embed([positives[i] for i in batch])  # (B, C) paraphrases
                 k = self._embed([anchors[i] for i in batch])  # (B, C) originals
-                hard = [negatives[i] for i in batch if negatives[i]] if negatives is not None else []
+                hard = [] if negatives is None else [
+                    t for i in batch for t in ((negatives[i],) if isinstance(negatives[i], str) else negatives[i] or ())
+                    if t]
                 h = self._embed(hard) if hard else None  # (H, C)
                 loss = info_nce(q, k, cfg.temperature, h, cfg.symmetric)
                 loss.backward()

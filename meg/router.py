@@ -39,6 +39,7 @@ from meg.subject_gate import SubjectIndex
 ROUTERS = ("nearest", "familiarity")
 NO_MATCH = -1e4  # score of a query the subject gate rejects: below every cosine and every -entropy
 OBJECTIVES = ("harmonic", "balanced")
+NEGATIVES = ("pooled", "per_kind")
 CONFIG_FILE, WEIGHTS_FILE = "router.json", "router.safetensors"
 
 
@@ -47,6 +48,10 @@ class RouterConfig:
     kind: str = "nearest"  # "nearest" (cosine to the nearest edit) or "familiarity" (the paper's network)
     threshold: float | None = None  # familiarity: route if entropy < threshold; nearest: if cosine > threshold
     objective: str = "harmonic"  # calibration: harmonic or plain mean of paraphrase/edit recall and rejection
+    # calibration: the rejection the objective weighs is over all negatives at once ("pooled"), or the mean of the
+    # rejection of each kind ("per_kind": unrelated prompts; questions on a probed pseudo-edit's subject about
+    # another relation), so the mix of kinds does not move with the edit count
+    negatives: str = "pooled"
     subject_gate: bool = False  # route a query only to edits whose subject it names (subjectless edits: embedding only)
     chunk_size: int = 4096  # edit embeddings per similarity matmul (memory bound for large edit sets)
     num_labels: int = 10  # familiarity: K random labels
@@ -70,6 +75,8 @@ class RouterConfig:
             raise bad("subject_gate", "true or false")
         if self.objective not in OBJECTIVES:
             raise bad("objective", " | ".join(OBJECTIVES))
+        if self.negatives not in NEGATIVES:
+            raise bad("negatives", " | ".join(NEGATIVES))
         if self.threshold is not None and (not _is_number(self.threshold) or not math.isfinite(self.threshold)):
             raise bad("threshold", "a number or null (not calibrated)")
         for name in ("chunk_size", "num_labels", "blocks", "batch_size", "max_epochs"):
@@ -233,17 +240,24 @@ class Router:
     ) -> dict:
         """Set the threshold from queries that should route (positives) and should not (negatives).
 
-        positive_emb: paraphrases of the fitted edits; negative_emb: unrelated prompts; edit_emb
+        positive_emb: paraphrases of the fitted edits; negative_emb: unrelated prompts, or a list of kinds of
+        them (the rejection is then the mean over kinds, ``negative_texts`` a list too); edit_emb
         (optional): the fitted edit prompts, which must keep routing too; the texts go with them
         (the subject gate needs them). The cut maximises the configured objective (see
         ``choose_cut``). Returns what was chosen.
         """
-        pos, neg = self.scores(positive_emb, positive_texts)[0], self.scores(negative_emb, negative_texts)[0]
+        pos = self.scores(positive_emb, positive_texts)[0]
+        if isinstance(negative_emb, torch.Tensor):
+            neg = self.scores(negative_emb, negative_texts)[0]
+        else:  # kinds of negatives, each weighing alike in the rejection
+            texts = negative_texts or [None] * len(negative_emb)
+            neg = [self.scores(e, t)[0] for e, t in zip(negative_emb, texts) if len(e)]
         edit = self.scores(edit_emb, edit_texts)[0] if edit_emb is not None else None
         cut, recall, rejection, edit_recall = choose_cut(pos, neg, self.config.objective, target_recall, edit)
         self.config.threshold = self._threshold_of(cut)
+        n_negative = int(neg.numel()) if isinstance(neg, torch.Tensor) else sum(int(n.numel()) for n in neg)
         return {"threshold": self.config.threshold, "recall": recall, "rejection": rejection,
-                "edit_recall": edit_recall, "n_positive": int(pos.numel()), "n_negative": int(neg.numel())}
+                "edit_recall": edit_recall, "n_positive": int(pos.numel()), "n_negative": n_negative}
 
     def confusion(
         self,
@@ -468,33 +482,36 @@ class FamiliarityRouter(Router):
 
 def choose_cut(
     pos: torch.Tensor,
-    neg: torch.Tensor,
+    neg: "torch.Tensor | Sequence[torch.Tensor]",
     objective: str = "harmonic",
     target_recall: float | None = None,
     edit: torch.Tensor | None = None,
 ) -> tuple[float, float, float, float]:
     """The score cut (routed iff score > cut) separating positive from negative scores.
 
-    pos: scores of paraphrases (should route), neg: of unrelated prompts (should not), edit
+    pos: scores of paraphrases (should route), neg: of unrelated prompts (should not), or a list of kinds of
+    negatives whose rejections count alike (the rejection is their mean), edit
     (optional): of the fitted edit prompts themselves (should route). The objective combines
     paraphrase recall, rejection and (if given) edit recall, as the editing Score combines
     generality, locality and reliability. With target_recall: the strictest cut that still routes
     that share of the paraphrases. Candidate cuts lie midway between consecutive distinct scores;
     among equally good ones the middle one is taken. Returns (cut, recall, rejection, edit recall).
     """
-    if pos.numel() == 0 or neg.numel() == 0:
+    kinds = [neg] if isinstance(neg, torch.Tensor) else [n for n in neg if n.numel()]
+    if pos.numel() == 0 or not kinds or any(n.numel() == 0 for n in kinds):
         raise ValueError("calibration needs at least one positive and one negative score")
-    groups = [pos.double().flatten(), neg.double().flatten()]
-    if edit is not None and edit.numel():
-        groups.append(edit.double().flatten())
+    kinds = [n.double().flatten() for n in kinds]
+    edit_scores = edit.double().flatten() if edit is not None and edit.numel() else None
+    groups = [pos.double().flatten(), *kinds] + ([edit_scores] if edit_scores is not None else [])
     values = torch.cat(groups).unique()  # sorted
     cuts = torch.cat([values[:1] - 1.0, (values[1:] + values[:-1]) / 2, values[-1:] + 1.0])
 
     def share_above(scores: torch.Tensor) -> torch.Tensor:
         return 1 - torch.searchsorted(scores.sort().values, cuts, right=True) / scores.numel()
 
-    recall, rejection = share_above(groups[0]), 1 - share_above(groups[1])
-    edit_recall = share_above(groups[2]) if len(groups) == 3 else torch.ones_like(recall)
+    recall = share_above(groups[0])
+    rejection = 1 - torch.stack([share_above(n) for n in kinds]).mean(0)
+    edit_recall = share_above(edit_scores) if edit_scores is not None else torch.ones_like(recall)
     parts = torch.stack([recall, rejection, edit_recall])  # (3, cuts)
     if target_recall is not None:
         if not 0 < target_recall <= 1:
@@ -518,8 +535,9 @@ class PseudoEdits:
 
     prompts[i] is a pseudo-edit prompt and paraphrases[i] one of its paraphrases (the positives);
     unrelated are prompts of none of them (the negatives; e.g. same-relation prompts about other
-    subjects); same_subject are negatives that name a probed pseudo-edit's subject but ask about
-    another relation (a query the edit must not answer). filler prompts only pad the fitted set up
+    subjects); same_subject are negatives that name a pseudo-edit's subject but ask about another
+    relation (a query the edit must not answer), same_subject_of the index of that pseudo-edit in
+    prompts (empty: unknown; every same_subject question then counts). filler prompts only pad the fitted set up
     to the real edit count (their paraphrases are not probed, e.g. because the encoder was trained
     on them). subjects / filler_subjects give the subject of each prompt / filler prompt (empty:
     unknown).
@@ -532,6 +550,7 @@ class PseudoEdits:
     subjects: tuple[str | None, ...] = field(default=())
     filler_subjects: tuple[str | None, ...] = field(default=())
     same_subject: tuple[str, ...] = field(default=())
+    same_subject_of: tuple[int, ...] = field(default=())  # per same_subject question, its pseudo-edit (empty: unknown)
 
     def __post_init__(self) -> None:
         if len(self.prompts) != len(self.paraphrases):
@@ -542,6 +561,9 @@ class PseudoEdits:
             raise ConfigError("pseudo-edits: one subject per prompt expected")
         if self.filler_subjects and len(self.filler_subjects) != len(self.filler):
             raise ConfigError("pseudo-edits: one subject per filler prompt expected")
+        if self.same_subject_of and (len(self.same_subject_of) != len(self.same_subject)
+                                     or not all(0 <= i < len(self.prompts) for i in self.same_subject_of)):
+            raise ConfigError("pseudo-edits: one pseudo-edit index (into prompts) per same-subject question expected")
 
     def texts(self) -> set[str]:
         return (set(self.prompts) | set(self.paraphrases) | set(self.unrelated) | set(self.filler)
@@ -587,7 +609,8 @@ def calibrate_router(
 
     A fresh router is fitted on n_edits pseudo-edit prompts (probed ones first, then filler), and
     its threshold is chosen to separate the probed pseudo-edits' paraphrases from the negatives
-    (unrelated prompts and same-subject prompts of other relations). ``exclude`` (the real edit
+    (unrelated prompts and same-subject prompts of other relations; ``config.negatives`` says how
+    the two kinds are weighed). ``exclude`` (the real edit
     prompts) guards against a pseudo-edit set that overlaps the edit set. Evaluation paraphrases and
     locality prompts have no way in.
     """
@@ -599,14 +622,24 @@ def calibrate_router(
         raise ConfigError("router: 'subject_gate' calibration needs pseudo-edits with subjects")
     fitted_set = set(fitted)
     unrelated = [u for u in dict.fromkeys(pseudo.unrelated) if u not in fitted_set]
-    same = [u for u in dict.fromkeys(pseudo.same_subject) if u not in fitted_set]
+    same = pseudo.same_subject
+    if config.negatives == "per_kind" and pseudo.same_subject_of:
+        # only subjects that are in the fitted set make a hard negative; the others' share would grow as the
+        # edit count falls below the probed pseudo-edits
+        same = [q for q, i in zip(same, pseudo.same_subject_of) if i < n_probe]
+    same = [u for u in dict.fromkeys(same) if u not in fitted_set]
     negatives = unrelated + same
     router = make_router(replace(config, threshold=None))
     router.fit(encode(fitted), subjects)
     paras = list(pseudo.paraphrases[:n_probe])
-    para, neg, probed = encode(paras), encode(negatives), encode(fitted[:n_probe])
+    para, probed = encode(paras), encode(fitted[:n_probe])
+    if config.negatives == "per_kind":
+        kinds = [k for k in (unrelated, same) if k]
+        neg, neg_texts = [encode(k) for k in kinds], kinds
+    else:
+        neg, neg_texts = encode(negatives), negatives
     chosen = router.calibrate(para, neg, target_recall, edit_emb=probed, positive_texts=paras,
-                              negative_texts=negatives, edit_texts=fitted[:n_probe])
+                              negative_texts=neg_texts, edit_texts=fitted[:n_probe])
     confusion = router.confusion(probed, para, encode(unrelated), torch.arange(n_probe),
                                  texts={"edit": fitted[:n_probe], "paraphrase": paras, "unrelated": unrelated})
     if same:

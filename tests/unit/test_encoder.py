@@ -158,3 +158,30 @@ def test_load_of_a_non_encoder_directory(tmp_path):
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ConfigError, match=f"'{field}'"):
         EncoderConfig(**{field: value})
+
+
+def test_finetune_takes_several_hard_negatives_per_pair(pairs):
+    """A pair may bring several hard negatives (same relation other subject, same subject other relation);
+    each one is embedded as an extra key, and an empty or missing one is skipped."""
+    originals, paraphrases = pairs
+    config = EncoderConfig(trainable="last", lr=1e-3, batch_size=16, max_steps=2)
+    encoder = QueryEncoder(config)
+    asked: list[int] = []
+    real = encoder._embed
+
+    def counting(texts):
+        asked.append(len(texts))
+        return real(texts)
+
+    encoder._embed = counting
+    negatives = [(originals[(i + 1) % len(originals)], None if i % 2 else "Where was Paris born?")
+                 for i in range(len(originals))]
+    negatives[0] = None
+    losses = encoder.finetune(originals, paraphrases, negatives, progress=False)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    per_step = [asked[i : i + 3] for i in range(0, len(asked), 3)]  # paraphrases, originals, hard negatives
+    steps = pair_batches(list(originals), 16, torch.Generator().manual_seed(config.seed))[:2]
+    expected = [sum(0 if i == 0 else 1 + (i % 2 == 0) for i in batch) for batch in steps]
+    assert [s[2] for s in per_step] == expected
+    with pytest.raises(ConfigError, match="same_subject_negatives"):
+        EncoderConfig(same_subject_negatives="yes")

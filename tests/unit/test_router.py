@@ -267,3 +267,36 @@ def test_calibration_with_the_gate_rejects_same_subject_other_relation():
     assert cal.recall == 1.0 and cal.n_unrelated == 4 * n
     assert cal.confusion["unrelated_routed"] == 0.0 and cal.confusion["same_subject_routed"] < 0.1
     assert cal.threshold > 0.3  # not "route whatever names a subject"
+
+
+def test_choose_cut_weighs_kinds_of_negatives_alike():
+    """Per kind, a small hard kind counts as much as a large easy one; pooled, it is drowned."""
+    pos = torch.tensor([0.6, 0.7, 0.8, 0.9, 0.95, 0.97])
+    easy, hard = torch.full((96,), -1.0), torch.tensor([0.5, 0.55, 0.62, 0.65])
+    pooled = choose_cut(pos, torch.cat([easy, hard]))
+    kinds = choose_cut(pos, [easy, hard])
+    assert pooled[2] == pytest.approx(1 - sum(float(h) > pooled[0] for h in hard) / 100)
+    assert kinds[2] == pytest.approx(1 - 0.5 * sum(float(h) > kinds[0] for h in hard) / 4)
+    assert kinds[0] > pooled[0]  # the hard kind pushes the cut up only when it is not drowned
+    with pytest.raises(ValueError):
+        choose_cut(pos, [torch.zeros(0)])
+
+
+def test_per_kind_calibration_keeps_same_subject_negatives_of_fitted_subjects_only():
+    """The mix of negatives does not move with the edit count: questions on the subjects of pseudo-edits
+    outside the fitted set are left out (they would be easy), and each kind weighs alike."""
+    n = 40
+    edits, paras = clusters(n, seed=7)
+    others, unrelated = far(n, seed=8), far(3 * n, seed=9)
+    table = {f"p{i}": edits[i] for i in range(n)} | {f"q{i}": paras[i] for i in range(n)}
+    table |= {f"s{i}": others[i] for i in range(n)} | {f"u{i}": unrelated[i] for i in range(3 * n)}
+    pseudo = PseudoEdits(prompts=tuple(f"p{i}" for i in range(n)), paraphrases=tuple(f"q{i}" for i in range(n)),
+                         unrelated=tuple(f"u{i}" for i in range(3 * n)),
+                         same_subject=tuple(f"s{i}" for i in range(n)), same_subject_of=tuple(range(n)))
+    pooled = calibrate_router(RouterConfig(), TableEncoder(table), pseudo, n_edits=10)
+    kinds = calibrate_router(RouterConfig(negatives="per_kind"), TableEncoder(table), pseudo, n_edits=10)
+    assert pooled.n_unrelated == 3 * n + n and kinds.n_unrelated == 3 * n + 10
+    with pytest.raises(ConfigError, match="same-subject"):
+        PseudoEdits(prompts=("p0",), paraphrases=("q0",), unrelated=("u0",), same_subject=("s0",), same_subject_of=(3,))
+    with pytest.raises(ConfigError, match="negatives"):
+        RouterConfig(negatives="mixed")

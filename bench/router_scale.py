@@ -1,0 +1,140 @@
+"""The router against the edit count: encoder and calibration settings compared on held-out pseudo-edits.
+
+    python -m bench.router_scale --sizes 500,1000,2000 --variant pooled: \\
+        --variant per-kind:router_options.negatives=per_kind --out router-scale.json \\
+        --report-counterfact 1000,2000,4000,10000
+
+No language model runs: only the encoder and the router, so a setting costs its encoder's training
+and a calibration per size. For every variant (``name:key=value,...``, the keys of
+``bench.quality --set``) and every size N:
+
+- the router is built as a MeG build builds it (``encoder_for``, ``template_bank``,
+  ``calibration_set``, ``fit_router``) for an edit set of N held-out pseudo-edits (``bench.devset``: pool records that
+  neither train the encoder nor calibrate the router);
+- their paraphrases, locality prompts and same-subject questions of another relation (template
+  bank) are routed: the shares routed (paraphrases: to their own edit) and ``dev_score``, the
+  harmonic mean of paraphrases routed right, locality prompts kept out and same-subject questions
+  kept out. Settings are chosen on this score.
+
+``--report-counterfact`` also routes the first 1,000 CounterFact edits' paraphrases and locality
+prompts with routers fitted on the first N CounterFact edit prompts: report only (Gen and Loc of
+those runs are bounded by these shares), never a choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.quality import parse_settings, parse_variants
+from meg import facts
+from meg.editor import (MegConfig, calibration_set, encoder_for, fit_router, pseudo_pool, template_bank,
+                        template_bank_of, with_overrides)
+
+
+def harmonic(*values: float) -> float:
+    return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
+
+
+def route_shares(router, encoder, edits: list, asked: int, bank) -> dict[str, float]:
+    """Shares (%) of the first ``asked`` edits' paraphrases (routed; routed to their own edit), locality
+    prompts and same-subject questions of another relation routed by a router fitted on ``edits``."""
+    out: dict[str, float] = {}
+    head = edits[:asked]
+    para = [(i, e.paraphrases[0]) for i, e in enumerate(head) if e.paraphrases]
+    loc = [e.locality[0].prompt for e in head if e.locality]
+    same = [q for i, e in enumerate(head) if (q := bank.other_relation(e.prompt, e.subject, i))]
+    texts = [q for _, q in para]
+    mask, nearest, _ = router.route(encoder.encode(texts), texts)
+    own = torch.tensor([i for i, _ in para])
+    out["paraphrase_routed"] = 100.0 * float(mask.float().mean())
+    out["paraphrase_right"] = 100.0 * float((mask & (nearest == own)).float().mean())
+    for name, qs in (("locality", loc), ("same_subject", same)):
+        out[f"{name}_routed"] = 100.0 * float(router.route(encoder.encode(qs), qs)[0].float().mean()) if qs else 0.0
+    return out
+
+
+def measure(name: str, cfg: MegConfig, sizes: list[int], report_sizes: list[int], asked: int) -> list[dict]:
+    from bench.devset import held_out
+
+    rows = []
+    dev_all = held_out(max(sizes), cfg)
+    t0 = time.time()
+    encoder = encoder_for(cfg, pseudo_pool(dev_all), progress=True)
+    encoder_seconds = time.time() - t0
+    for n in sizes:
+        dev = dev_all[:n]
+        pool = pseudo_pool(dev)
+        t0 = time.time()
+        router, cal = fit_router(cfg, encoder, dev, calibration_set(cfg, pool, template_bank(cfg, pool, dev)))
+        shares = route_shares(router, encoder, dev, min(asked, n), template_bank_of(dev))
+        row = {"variant": name, "edits": "pseudo", "n": n, "threshold": cal.threshold,
+               "calibration_recall": cal.recall, "calibration_rejection": cal.rejection, **shares,
+               "dev_score": harmonic(shares["paraphrase_right"], 100 - shares["locality_routed"],
+                                     100 - shares["same_subject_routed"]),
+               "router_seconds": time.time() - t0, "encoder_seconds": encoder_seconds}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if report_sizes:
+        every = facts.load_benchmark("counterfact", "edit")
+        for n in report_sizes:
+            edits = every[:n]
+            pool = pseudo_pool(edits)
+            t0 = time.time()
+            router, cal = fit_router(cfg, encoder, edits, calibration_set(cfg, pool, template_bank(cfg, pool, edits)))
+            shares = route_shares(router, encoder, edits, min(asked, n), template_bank_of(edits))
+            row = {"variant": name, "edits": "counterfact (report only)", "n": n, "threshold": cal.threshold,
+                   "calibration_recall": cal.recall, "calibration_rejection": cal.rejection, **shares,
+                   "router_seconds": time.time() - t0}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| variant | edits | N | threshold | paraphrases routed (right edit) | locality routed "
+             "| same-subject routed | dev score |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        score = f"{r['dev_score']:.1f}" if "dev_score" in r else ""
+        lines.append(f"| {r['variant']} | {r['edits']} | {r['n']:,} | {r['threshold']:.3f} | "
+                     f"{r['paraphrase_routed']:.1f} ({r['paraphrase_right']:.1f}) | {r['locality_routed']:.1f} | "
+                     f"{r['same_subject_routed']:.1f} | {score} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="500,1000,2000", help="held-out pseudo-edit counts (comma-separated)")
+    p.add_argument("--variant", action="append", default=[], help="name:key=value,... (repeatable)")
+    p.add_argument("--set", action="append", default=[], help="key=value for every variant")
+    p.add_argument("--report-counterfact", default="", help="CounterFact edit counts to report (comma-separated)")
+    p.add_argument("--asked", type=int, default=1000, help="questions of the first this many edits are routed")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        base = with_overrides(MegConfig(), parse_settings(",".join(args.set), "--set"))
+        variants = parse_variants(args.variant) or {"defaults": {}}
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    sizes = [int(x) for x in args.sizes.split(",") if x]
+    report = [int(x) for x in args.report_counterfact.split(",") if x]
+    rows: list[dict] = []
+    for name, overrides in variants.items():
+        rows += measure(name, with_overrides(base, overrides), sizes, report, args.asked)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+    print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
