@@ -16,7 +16,11 @@ MeG settings: ``--set KEY=VALUE`` changes the ``meg`` method (dotted keys of meg
 e.g. ``fit.layer=28``, ``router=familiarity``, ``router_options.subject_gate=true``,
 ``generator.sample_steps=10``); ``--variant NAME:KEY=VALUE,KEY=VALUE`` adds a MeG method with those
 changes on top. ``--work-dir`` keeps fitted weights and generator checkpoints between runs, so
-variants that share them (and reruns) do not recompute them.
+variants that share them (and reruns) do not recompute them. ``--fit-shard I/N`` only fits shard I of N
+into the work dir and stops, so N processes fit a large edit set on N cores before the evaluating run:
+
+    for i in 0 1; do python -m bench.quality --dataset counterfact --n-edits 10000 --methods meg \
+        --work-dir W --threads 1 --fit-shard $i/2 & done; wait
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +37,7 @@ import torch
 from meg import facts, lm
 from meg.benchmark import locality_labels, run_methods
 from meg.editors import EDITORS, make_editor
+from meg.errors import ConfigError
 from meg.report import write_report
 
 
@@ -80,7 +86,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting of the meg method")
     p.add_argument("--work-dir", type=Path, default=None, help="keep MeG's fitted weights and checkpoints here")
     p.add_argument("--model", default=lm.DEFAULT_MODEL)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=None, help="the results JSON (required unless --fit-shard)")
+    p.add_argument("--fit-shard", default=None, metavar="I/N",
+                   help="only fit shard I of N of the meg method's edits into --work-dir, then stop: run the N "
+                        "shards at once (one per core), then the evaluating run finds every edit fitted")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--mlflow", type=Path, default=None, help="log metrics and the report to the MLflow store here")
@@ -90,6 +99,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"unknown method {m!r}; choose from {', '.join(EDITORS)}")
     if args.n_edits < 1:
         p.error("--n-edits must be >= 1")
+    if args.fit_shard is not None and args.work_dir is None:
+        p.error("--fit-shard needs --work-dir (the fit store the shards share)")
+    if args.fit_shard is None and args.out is None:
+        p.error("--out is required")
     if args.eval_edits is not None and not 1 <= args.eval_edits:
         p.error("--eval-edits must be >= 1")
     try:
@@ -114,6 +127,28 @@ def editor_factory(args: argparse.Namespace):
     return make
 
 
+def fit_shard(args: argparse.Namespace, loaded, edits: list) -> int:
+    """Fit the edits of one shard (by content key, as ``meg fit --shard``) with the meg method's settings
+    into the work dir's fit store, exactly as the meg build would fit them."""
+    from meg import fit
+    from meg.editor import MegConfig, pseudo_pool, template_bank, with_overrides
+    from meg.stages.fit import parse_shard, shard_of
+
+    try:
+        i, n = parse_shard(args.fit_shard)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = with_overrides(MegConfig(), args.meg_settings)
+    bank = template_bank(cfg, pseudo_pool(edits), edits)
+    mine = [e for e in edits if shard_of(e.content_key, n) == i]
+    print(f"bench.quality: fitting shard {i}/{n}: {len(mine)} of {len(edits)} edits", flush=True)
+    t0 = time.time()
+    result = fit.fit_edits(loaded, mine, cfg.fit, store_dir=args.work_dir / "fit", bank=bank)
+    print(f"bench.quality: shard {i}/{n} fitted in {time.time() - t0:.0f} s: {result.report()}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -124,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset, edits = str(args.facts), facts.read_facts(args.facts)
     edits = edits[: args.n_edits]
     loaded = lm.load_model(args.model)
+    if args.fit_shard is not None:
+        return fit_shard(args, loaded, edits)
     methods = [m for m in args.methods.split(",") if m] + list(args.variants)
     print(f"bench.quality: {len(edits)} edits from {dataset}, model {loaded.model_id}", flush=True)
     n_evaluated = min(args.eval_edits, len(edits)) if args.eval_edits else None
