@@ -16,9 +16,9 @@ and a calibration per size. For every variant (``name:key=value,...``, the keys 
   harmonic mean of paraphrases routed right, locality prompts kept out and same-subject questions
   kept out. Settings are chosen on this score.
 
-``--report-counterfact`` also routes the first 1,000 CounterFact edits' paraphrases and locality
-prompts with routers fitted on the first N CounterFact edit prompts: report only (Gen and Loc of
-those runs are bounded by these shares), never a choice.
+``--report-counterfact`` (``--report-zsre``) also routes the first 1,000 CounterFact (ZsRE) edits'
+paraphrases and locality prompts with routers fitted on the first N edit prompts of that set: report
+only (Gen and Loc of those runs are bounded by these shares), never a choice.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def route_shares(router, encoder, edits: list, asked: int, bank) -> dict[str, fl
     return out
 
 
-def measure(name: str, cfg: MegConfig, sizes: list[int], report_sizes: list[int], asked: int) -> list[dict]:
+def measure(name: str, cfg: MegConfig, sizes: list[int], report: list[tuple[str, int]], asked: int) -> list[dict]:
     from bench.devset import held_out
 
     rows = []
@@ -80,19 +80,17 @@ def measure(name: str, cfg: MegConfig, sizes: list[int], report_sizes: list[int]
                "router_seconds": time.time() - t0, "encoder_seconds": encoder_seconds}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    if report_sizes:
-        every = facts.load_benchmark("counterfact", "edit")
-        for n in report_sizes:
-            edits = every[:n]
-            pool = pseudo_pool(edits)
-            t0 = time.time()
-            router, cal = fit_router(cfg, encoder, edits, calibration_set(cfg, pool, template_bank(cfg, pool, edits)))
-            shares = route_shares(router, encoder, edits, min(asked, n), template_bank_of(edits))
-            row = {"variant": name, "edits": "counterfact (report only)", "n": n, "threshold": cal.threshold,
-                   "calibration_recall": cal.recall, "calibration_rejection": cal.rejection, **shares,
-                   "router_seconds": time.time() - t0}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+    for dataset, n in report:
+        edits = facts.load_benchmark(dataset, "edit")[:n]
+        pool = pseudo_pool(edits)
+        t0 = time.time()
+        router, cal = fit_router(cfg, encoder, edits, calibration_set(cfg, pool, template_bank(cfg, pool, edits)))
+        shares = route_shares(router, encoder, edits, min(asked, n), template_bank_of(edits))
+        row = {"variant": name, "edits": f"{dataset} (report only)", "n": n, "threshold": cal.threshold,
+               "calibration_recall": cal.recall, "calibration_rejection": cal.rejection, **shares,
+               "router_seconds": time.time() - t0}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return rows
 
 
@@ -113,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[], help="name:key=value,... (repeatable)")
     p.add_argument("--set", action="append", default=[], help="key=value for every variant")
     p.add_argument("--report-counterfact", default="", help="CounterFact edit counts to report (comma-separated)")
+    p.add_argument("--report-zsre", default="", help="ZsRE edit counts to report (comma-separated)")
     p.add_argument("--asked", type=int, default=1000, help="questions of the first this many edits are routed")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, required=True)
@@ -125,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
     sizes = [int(x) for x in args.sizes.split(",") if x]
-    report = [int(x) for x in args.report_counterfact.split(",") if x]
+    report = [("counterfact", int(x)) for x in args.report_counterfact.split(",") if x]
+    report += [("zsre", int(x)) for x in args.report_zsre.split(",") if x]
     rows: list[dict] = []
     for name, overrides in variants.items():
         rows += measure(name, with_overrides(base, overrides), sizes, report, args.asked)
