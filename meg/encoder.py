@@ -51,7 +51,8 @@ class EncoderConfig:
     batch_size: int = 64  # pairs per step; the other originals of a batch are the negatives
     # hard negatives besides each pair's same-relation prompt about another subject: also a question about the
     # same subject on another relation (from the template bank of the training pairs), which must not match either
-    same_subject_negatives: bool = False
+    # (chosen on held-out pseudo-edits, docs/results.md §4.2)
+    same_subject_negatives: bool = True
     max_length: int = 64  # tokens per text (longer ones are cut)
     seed: int = 0  # batch order and dropout
     device: str = "cpu"  # where the encoder runs

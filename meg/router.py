@@ -51,7 +51,7 @@ class RouterConfig:
     # calibration: the rejection the objective weighs is over all negatives at once ("pooled"), or the mean of the
     # rejection of each kind ("per_kind": unrelated prompts; questions on a probed pseudo-edit's subject about
     # another relation), so the mix of kinds does not move with the edit count
-    negatives: str = "pooled"
+    negatives: str = "per_kind"  # chosen on held-out pseudo-edits (docs/results.md §4.2)
     subject_gate: bool = False  # route a query only to edits whose subject it names (subjectless edits: embedding only)
     chunk_size: int = 4096  # edit embeddings per similarity matmul (memory bound for large edit sets)
     num_labels: int = 10  # familiarity: K random labels

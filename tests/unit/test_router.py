@@ -293,7 +293,7 @@ def test_per_kind_calibration_keeps_same_subject_negatives_of_fitted_subjects_on
     pseudo = PseudoEdits(prompts=tuple(f"p{i}" for i in range(n)), paraphrases=tuple(f"q{i}" for i in range(n)),
                          unrelated=tuple(f"u{i}" for i in range(3 * n)),
                          same_subject=tuple(f"s{i}" for i in range(n)), same_subject_of=tuple(range(n)))
-    pooled = calibrate_router(RouterConfig(), TableEncoder(table), pseudo, n_edits=10)
+    pooled = calibrate_router(RouterConfig(negatives="pooled"), TableEncoder(table), pseudo, n_edits=10)
     kinds = calibrate_router(RouterConfig(negatives="per_kind"), TableEncoder(table), pseudo, n_edits=10)
     assert pooled.n_unrelated == 3 * n + n and kinds.n_unrelated == 3 * n + 10
     with pytest.raises(ConfigError, match="same-subject"):
