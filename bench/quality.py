@@ -127,18 +127,14 @@ def editor_factory(args: argparse.Namespace):
     return make
 
 
-def fit_shard(args: argparse.Namespace, loaded, edits: list) -> int:
-    """Fit the edits of one shard (by content key, as ``meg fit --shard``) with the meg method's settings
+def fit_shard(args: argparse.Namespace, shard: tuple[int, int], loaded, edits: list) -> int:
+    """Fit the edits of shard (i, n) (by content key, as ``meg fit --shard``) with the meg method's settings
     into the work dir's fit store, exactly as the meg build would fit them."""
     from meg import fit
     from meg.editor import MegConfig, pseudo_pool, template_bank, with_overrides
-    from meg.stages.fit import parse_shard, shard_of
+    from meg.stages.fit import shard_of
 
-    try:
-        i, n = parse_shard(args.fit_shard)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    i, n = shard
     cfg = with_overrides(MegConfig(), args.meg_settings)
     bank = template_bank(cfg, pseudo_pool(edits), edits)
     mine = [e for e in edits if shard_of(e.content_key, n) == i]
@@ -151,6 +147,15 @@ def fit_shard(args: argparse.Namespace, loaded, edits: list) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    shard = None
+    if args.fit_shard is not None:
+        from meg.stages.fit import parse_shard
+
+        try:
+            shard = parse_shard(args.fit_shard)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dataset:
@@ -159,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset, edits = str(args.facts), facts.read_facts(args.facts)
     edits = edits[: args.n_edits]
     loaded = lm.load_model(args.model)
-    if args.fit_shard is not None:
-        return fit_shard(args, loaded, edits)
+    if shard is not None:
+        return fit_shard(args, shard, loaded, edits)
     methods = [m for m in args.methods.split(",") if m] + list(args.variants)
     print(f"bench.quality: {len(edits)} edits from {dataset}, model {loaded.model_id}", flush=True)
     n_evaluated = min(args.eval_edits, len(edits)) if args.eval_edits else None

@@ -33,8 +33,8 @@ import torch
 
 from bench.quality import parse_settings, parse_variants
 from meg import facts
-from meg.editor import (MegConfig, calibration_set, encoder_for, fit_router, pseudo_pool, template_bank,
-                        template_bank_of, with_overrides)
+from meg.augment import TemplateBank
+from meg.editor import MegConfig, calibration_set, encoder_for, fit_router, pseudo_pool, template_bank, with_overrides
 
 
 def harmonic(*values: float) -> float:
@@ -59,6 +59,18 @@ def route_shares(router, encoder, edits: list, asked: int, bank) -> dict[str, fl
     return out
 
 
+def _row(name: str, label: str, cfg: MegConfig, encoder, edits: list, asked: int) -> dict:
+    """Calibrate and fit a router for ``edits`` as a MeG build does, then route the first ``asked`` edits' questions."""
+    pool = pseudo_pool(edits)
+    t0 = time.time()
+    router, cal = fit_router(cfg, encoder, edits, calibration_set(cfg, pool, template_bank(cfg, pool, edits)))
+    # the bank of report questions is the pool's own (template_bank_of), as in the builds' router confusion
+    shares = route_shares(router, encoder, edits, min(asked, len(edits)), TemplateBank.from_records(pool))
+    return {"variant": name, "edits": label, "n": len(edits), "threshold": cal.threshold,
+            "calibration_recall": cal.recall, "calibration_rejection": cal.rejection, **shares,
+            "router_seconds": time.time() - t0}
+
+
 def measure(name: str, cfg: MegConfig, sizes: list[int], report: list[tuple[str, int]], asked: int) -> list[dict]:
     from bench.devset import held_out
 
@@ -68,27 +80,14 @@ def measure(name: str, cfg: MegConfig, sizes: list[int], report: list[tuple[str,
     encoder = encoder_for(cfg, pseudo_pool(dev_all), progress=True)
     encoder_seconds = time.time() - t0
     for n in sizes:
-        dev = dev_all[:n]
-        pool = pseudo_pool(dev)
-        t0 = time.time()
-        router, cal = fit_router(cfg, encoder, dev, calibration_set(cfg, pool, template_bank(cfg, pool, dev)))
-        shares = route_shares(router, encoder, dev, min(asked, n), template_bank_of(dev))
-        row = {"variant": name, "edits": "pseudo", "n": n, "threshold": cal.threshold,
-               "calibration_recall": cal.recall, "calibration_rejection": cal.rejection, **shares,
-               "dev_score": harmonic(shares["paraphrase_right"], 100 - shares["locality_routed"],
-                                     100 - shares["same_subject_routed"]),
-               "router_seconds": time.time() - t0, "encoder_seconds": encoder_seconds}
+        row = _row(name, "pseudo", cfg, encoder, dev_all[:n], asked)
+        row["dev_score"] = harmonic(row["paraphrase_right"], 100 - row["locality_routed"],
+                                    100 - row["same_subject_routed"])
+        row["encoder_seconds"] = encoder_seconds
         print(json.dumps(row), flush=True)
         rows.append(row)
     for dataset, n in report:
-        edits = facts.load_benchmark(dataset, "edit")[:n]
-        pool = pseudo_pool(edits)
-        t0 = time.time()
-        router, cal = fit_router(cfg, encoder, edits, calibration_set(cfg, pool, template_bank(cfg, pool, edits)))
-        shares = route_shares(router, encoder, edits, min(asked, n), template_bank_of(edits))
-        row = {"variant": name, "edits": f"{dataset} (report only)", "n": n, "threshold": cal.threshold,
-               "calibration_recall": cal.recall, "calibration_rejection": cal.rejection, **shares,
-               "router_seconds": time.time() - t0}
+        row = _row(name, f"{dataset} (report only)", cfg, encoder, facts.load_benchmark(dataset, "edit")[:n], asked)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

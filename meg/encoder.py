@@ -263,6 +263,8 @@ class QueryEncoder:
             return []
         g = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # dropout
+        # the hard negatives of each pair as a tuple (none, one text or several)
+        hard_of = [(n,) if isinstance(n, str) else tuple(n or ()) for n in negatives or [None] * len(anchors)]
         epochs = [pair_batches(list(anchors), cfg.batch_size, g) for _ in range(cfg.epochs)]
         batches = [b for e in epochs for b in e][: cfg.max_steps]
         for p in params.values():
@@ -279,9 +281,7 @@ class QueryEncoder:
                 opt.zero_grad(set_to_none=True)  # the reference loop never did this
                 q = self._embed([positives[i] for i in batch])  # (B, C) paraphrases
                 k = self._embed([anchors[i] for i in batch])  # (B, C) originals
-                hard = [] if negatives is None else [
-                    t for i in batch for t in ((negatives[i],) if isinstance(negatives[i], str) else negatives[i] or ())
-                    if t]
+                hard = [t for i in batch for t in hard_of[i] if t]
                 h = self._embed(hard) if hard else None  # (H, C)
                 loss = info_nce(q, k, cfg.temperature, h, cfg.symmetric)
                 loss.backward()

@@ -247,15 +247,14 @@ class Router:
         ``choose_cut``). Returns what was chosen.
         """
         pos = self.scores(positive_emb, positive_texts)[0]
-        if isinstance(negative_emb, torch.Tensor):
-            neg = self.scores(negative_emb, negative_texts)[0]
-        else:  # kinds of negatives, each weighing alike in the rejection
-            texts = negative_texts or [None] * len(negative_emb)
-            neg = [self.scores(e, t)[0] for e, t in zip(negative_emb, texts) if len(e)]
+        if isinstance(negative_emb, torch.Tensor):  # one kind
+            negative_emb, negative_texts = [negative_emb], [negative_texts]
+        texts = negative_texts or [None] * len(negative_emb)
+        neg = [self.scores(e, t)[0] for e, t in zip(negative_emb, texts) if len(e)]
         edit = self.scores(edit_emb, edit_texts)[0] if edit_emb is not None else None
         cut, recall, rejection, edit_recall = choose_cut(pos, neg, self.config.objective, target_recall, edit)
         self.config.threshold = self._threshold_of(cut)
-        n_negative = int(neg.numel()) if isinstance(neg, torch.Tensor) else sum(int(n.numel()) for n in neg)
+        n_negative = sum(int(n.numel()) for n in neg)
         return {"threshold": self.config.threshold, "recall": recall, "rejection": rejection,
                 "edit_recall": edit_recall, "n_positive": int(pos.numel()), "n_negative": n_negative}
 
@@ -497,10 +496,9 @@ def choose_cut(
     that share of the paraphrases. Candidate cuts lie midway between consecutive distinct scores;
     among equally good ones the middle one is taken. Returns (cut, recall, rejection, edit recall).
     """
-    kinds = [neg] if isinstance(neg, torch.Tensor) else [n for n in neg if n.numel()]
-    if pos.numel() == 0 or not kinds or any(n.numel() == 0 for n in kinds):
+    kinds = [n.double().flatten() for n in ([neg] if isinstance(neg, torch.Tensor) else neg) if n.numel()]
+    if pos.numel() == 0 or not kinds:
         raise ValueError("calibration needs at least one positive and one negative score")
-    kinds = [n.double().flatten() for n in kinds]
     edit_scores = edit.double().flatten() if edit is not None and edit.numel() else None
     groups = [pos.double().flatten(), *kinds] + ([edit_scores] if edit_scores is not None else [])
     values = torch.cat(groups).unique()  # sorted
