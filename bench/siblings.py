@@ -60,6 +60,23 @@ def classify(edits: list, encode) -> list[str]:
     return kind
 
 
+def read_records(path: Path, fields: tuple[str, ...]) -> list[dict]:
+    """The records of a bench.quality records file; a line that is not JSON or lacks one of
+    ``fields`` stops with the file and line named."""
+    rows = []
+    with Path(path).open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+                missing = [k for k in fields if k not in r]
+                if missing:
+                    raise KeyError(", ".join(missing))
+            except (ValueError, KeyError, TypeError) as e:
+                raise SystemExit(f"{path}: record {n}: not a bench.quality record ({e})")
+            rows.append(r)
+    return rows
+
+
 def split_metrics(kind: list[str], edits: list, records: Path | list[tuple[str | None, Path]]) -> dict:
     """{method: {group: {"n", "rel_ag", "gen_ag"}}} from bench.quality records files.
 
@@ -70,14 +87,8 @@ def split_metrics(kind: list[str], edits: list, records: Path | list[tuple[str |
     group_of = {e.id: k for e, k in zip(edits, kind)}
     sums: dict = defaultdict(lambda: defaultdict(lambda: [0, 0, 0]))
     for name, path in records:
-        rows = []
-        with Path(path).open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    r = json.loads(line)
-                    rows.append((r["method"], r["id"], r["rel_ag"], r["gen_ag"]))
-                except (ValueError, KeyError) as e:
-                    raise SystemExit(f"{path}: record {n}: not a bench.quality record ({e})")
+        rows = [(r["method"], r["id"], r["rel_ag"], r["gen_ag"])
+                for r in read_records(path, ("method", "id", "rel_ag", "gen_ag"))]
         methods = {m for m, *_ in rows}
         for method, rid, rel, gen in rows:
             if rid not in group_of:
