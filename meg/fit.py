@@ -67,6 +67,10 @@ class FitConfig:
     # linked same-subject edit) gets this many other-relation questions on its subject instead; 0 = off. On held-out
     # pseudo-edits fitted without rewordings, 4 such questions lift transfer to the paraphrase from 31% to 84%
     context_fallback: int = 0
+    # questions on the edit's subject from other relations whose base-model answer (its first token) the
+    # neuron must keep: rows scored towards that token, counted like rewordings for success; 0 = off. An
+    # edit fitted on other-relation questions (n_contexts, context_fallback) gets none
+    n_keep: int = 0
     # rewordings learned from the edit set: templates of same-subject edits with at least this cosine under
     # the base sentence encoder are linked (meg.augment.TemplateBank.link_same_subject); 0 = off
     edit_templates: float = 0.5
@@ -104,6 +108,7 @@ class FitConfig:
             "n_prefixes": self.n_prefixes >= 0,
             "n_contexts": self.n_contexts >= 0,
             "context_fallback": self.context_fallback >= 0,
+            "n_keep": self.n_keep >= 0,
             "edit_templates": 0 <= self.edit_templates <= 1,
             "prefix_tokens": self.prefix_tokens >= 1,
             "chunk_size": self.chunk_size >= 1,
@@ -120,7 +125,7 @@ class FitConfig:
     @property
     def uses_bank(self) -> bool:
         """Whether fitting reads the template bank (rewordings or other-relation questions)."""
-        return bool(self.n_variants or self.n_contexts)  # context_fallback acts only with n_variants
+        return bool(self.n_variants or self.n_contexts or self.n_keep)  # context_fallback acts only with n_variants
 
     def key(self, model_hash: str, layer: int) -> str:
         """Identifies fitted weights: same model, layer and settings -> reusable."""
@@ -128,6 +133,8 @@ class FitConfig:
         settings = {k: v for k, v in asdict(self).items() if k not in skip}
         if not (self.context_fallback and self.n_variants):  # inactive: the key of weights fitted before it existed
             settings.pop("context_fallback")
+        if not self.n_keep:  # off: the key of weights fitted before it existed
+            settings.pop("n_keep")
         if not self.head_candidates:  # whole-vocabulary fits keep the key they had before the option existed
             settings.pop("head_candidates")
             settings.pop("head_refresh")
@@ -564,6 +571,30 @@ def _fit_chunk(model, layer, batch, edit_of_row, n_edits, w0, cfg, w_init=None, 
     return w, success, steps, loss_out
 
 
+def keep_questions(edit: "EditRequest", bank: "TemplateBank", n: int, taken: list[str] = ()) -> list[str]:
+    """Up to ``n`` questions on the edit's subject from other relations (``FitConfig.n_keep``): deterministic
+    per edit, none equal to the prompt or to a question in ``taken``."""
+    if n <= 0 or not edit.subject:
+        return []
+    seed = int(edit.content_key[8:16], 16)  # other digits than the context questions' seed
+    skip = {" ".join(q.split()).casefold() for q in [edit.prompt, *taken]}
+    out: list[str] = []
+    for j in range(4 * n):  # the bank cycles through its relations; a few more draws cover repeats
+        q = bank.other_relation(edit.prompt, edit.subject, seed + j)
+        if q and " ".join(q.split()).casefold() not in skip | {" ".join(o.split()).casefold() for o in out}:
+            out.append(q)
+        if len(out) == n:
+            break
+    return out
+
+
+@torch.no_grad()
+def base_first_tokens(model: nn.Module, tok, questions: list[str]) -> list[int]:
+    """The model's greedy first answer token to each question (no neuron attached)."""
+    batch = textbatch.encode_ids(tok, questions, [[0]] * len(questions))  # scored at each prompt's last token
+    return textbatch.head_logits(model, textbatch.hidden_at(model, batch)).argmax(-1).tolist()
+
+
 def _compute_copy(loaded: lm.LoadedModel, dtype: str) -> nn.Module:
     """The model itself, or a frozen copy in ``dtype`` (made once per loaded model and kept)."""
     target = getattr(torch, dtype)
@@ -632,7 +663,8 @@ def fit_edits(
     without one, ``n_variants`` must be 0.
     """
     if cfg.uses_bank and bank is None:
-        raise ConfigError("fit: 'n_variants' or 'n_contexts' > 0 needs a template bank (meg.augment.TemplateBank)")
+        raise ConfigError("fit: 'n_variants', 'n_contexts' or 'n_keep' > 0 needs a template bank "
+                          "(meg.augment.TemplateBank)")
     t0 = time.time()
     model, tok = loaded.model, loaded.tokenizer
     layer = cfg.layer if cfg.layer is not None else loaded.default_layer
@@ -649,7 +681,7 @@ def fit_edits(
     bar = tqdm(total=len(todo), desc=f"fit L{layer}", unit="edit", disable=not progress)
     for start in range(0, len(todo), cfg.chunk_size):
         chunk = todo[start : start + cfg.chunk_size]
-        prompts, targets, edit_of_row = [], [], []
+        prompts, target_ids, edit_of_row, keep_rows = [], [], [], []
         for i, e in enumerate(chunk):
             rewordings = bank.variants(e.prompt, e.subject, cfg.n_variants, e.target_new) if bank else []
             n_contexts = cfg.n_contexts or (cfg.context_fallback if cfg.n_variants and not rewordings else 0)
@@ -657,11 +689,21 @@ def fit_edits(
                 seed = int(e.content_key[:8], 16)  # deterministic per edit, different across edits
                 found = (bank.other_relation(e.prompt, e.subject, seed + j) for j in range(n_contexts))
                 rewordings += list(dict.fromkeys(q for q in found if q))
+            ids = textbatch.target_ids(tok, e.target_new, cfg.suffix)
             for text in [e.prompt] + rewordings + [f"{p} {e.prompt}" for p in prefixes]:
                 prompts.append(text)
-                targets.append(e.target_new)
+                target_ids.append(ids)
                 edit_of_row.append(i)
-        batch = textbatch.encode(tok, prompts, targets, cfg.suffix).to(cfg.device)
+            for text in keep_questions(e, bank, cfg.n_keep, taken=rewordings) if bank and not n_contexts else []:
+                keep_rows.append(len(prompts))
+                prompts.append(text)
+                target_ids.append(None)  # the base model's answer, filled in below
+                edit_of_row.append(i)
+        if keep_rows:
+            answers = base_first_tokens(model, tok, [prompts[r] for r in keep_rows])
+            for r, a in zip(keep_rows, answers):
+                target_ids[r] = [a]
+        batch = textbatch.encode_ids(tok, prompts, target_ids).to(cfg.device)
         rows = torch.tensor(edit_of_row)
         w, ok, steps, loss = _fit_chunk(work, layer, batch, rows, len(chunk), w0.to(cfg.device), cfg)
         if work is not model:  # check, and where needed finish, each edit prompt in full precision

@@ -37,9 +37,13 @@ def encode(tok, prompts: list[str], targets: list[str], suffix: str = "") -> Tar
     """Encode rows ``prompt + " " + target + suffix``; the suffix (e.g. a newline) is scored too."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    return encode_ids(tok, prompts, [target_ids(tok, t, suffix) for t in targets])
+
+
+def target_ids(tok, target: str, suffix: str = "") -> list[int]:
+    """The token ids a row scores for ``target``: ``" " + target``, then the suffix."""
     suffix_ids = tok(suffix, add_special_tokens=False).input_ids if suffix else []
-    target_ids = [tok(target_text(t), add_special_tokens=False).input_ids + suffix_ids for t in targets]
-    return encode_ids(tok, prompts, target_ids)
+    return tok(target_text(target), add_special_tokens=False).input_ids + suffix_ids
 
 
 def encode_ids(tok, prompts: list[str], target_ids: list[list[int]]) -> TargetBatch:

@@ -216,8 +216,9 @@ def test_context_fallback_gives_subject_questions_only_to_edits_without_rewordin
     known = replace(make_edit(0, "The mother tongue of Danielle Darrieux is", "English"), subject="Danielle Darrieux")
     unknown = replace(make_edit(1, "What year did Sunnyside Hospital end?", "1962"), subject="Sunnyside Hospital")
     seen: list[list[str]] = []
-    encode = textbatch.encode
-    monkeypatch.setattr(fit.textbatch, "encode", lambda tok, prompts, *a, **kw: seen.append(list(prompts)) or encode(tok, prompts, *a, **kw))
+    encode_ids = textbatch.encode_ids
+    monkeypatch.setattr(fit.textbatch, "encode_ids",
+                        lambda tok, prompts, *a, **kw: seen.append(list(prompts)) or encode_ids(tok, prompts, *a, **kw))
 
     def rows(**kw):
         seen.clear()
@@ -238,6 +239,41 @@ def test_context_fallback_gives_subject_questions_only_to_edits_without_rewordin
     assert seen[0] == [unknown.prompt]
     with pytest.raises(ConfigError, match="template bank"):
         fit.fit_edits(loaded, [known], _cfg(n_variants=2, context_fallback=2), progress=False)
+
+
+def test_keep_rows_hold_the_base_answer_on_the_subjects_other_relations(tiny_models, monkeypatch):
+    from dataclasses import replace
+
+    from meg.augment import TemplateBank
+    from meg.editor import pseudo_pool
+
+    loaded = tiny_models["llama"]
+    bank = TemplateBank.from_records(pseudo_pool([]))
+    known = replace(make_edit(0, "The mother tongue of Danielle Darrieux is", "English"), subject="Danielle Darrieux")
+    unknown = replace(make_edit(1, "What year did Sunnyside Hospital end?", "1962"), subject="Sunnyside Hospital")
+    keep = fit.keep_questions(known, bank, 2, taken=bank.variants(known.prompt, known.subject, 2, known.target_new))
+    assert len(keep) == 2 and all("Danielle Darrieux" in q and q != known.prompt for q in keep)
+    assert fit.keep_questions(known, bank, 2) == fit.keep_questions(known, bank, 2)  # deterministic
+    batches = []
+    encode_ids = textbatch.encode_ids
+    monkeypatch.setattr(fit.textbatch, "encode_ids",
+                        lambda tok, prompts, ids, **kw: batches.append((list(prompts), [list(t) for t in ids]))
+                        or encode_ids(tok, prompts, ids, **kw))
+    cfg = _cfg(n_variants=2, context_fallback=3, n_keep=2, finish_steps=0)
+    res = fit.fit_edits(loaded, [known, unknown], cfg, progress=False, bank=bank)
+    prompts, ids = next(b for b in batches if known.prompt in b[0])
+    base = fit.base_first_tokens(loaded.model, loaded.tokenizer, keep)
+    # the known edit's keep questions are scored towards the base model's own first token; the edit fitted
+    # on other-relation questions (no rewording: context_fallback) gets no keep rows
+    assert [ids[prompts.index(q)] for q in keep] == [[t] for t in base]
+    assert len([q for q in prompts if "Sunnyside" in q]) == 4  # the prompt + 3 fallback questions only
+    # an edit declared done keeps the base model's first answer token on its keep questions
+    assert bool(res.success[0]), res.report()
+    w = res.weights[0:1].expand(len(keep), -1)
+    edited = evaluate.EditedLM(loaded, lambda ps: (w[: len(ps)], torch.ones(len(ps), dtype=torch.bool)), layer=2)
+    assert [g[0] for g in edited.generate_ids(keep, max_new_tokens=1)] == base
+    assert cfg.key("h", 2) != replace(cfg, n_keep=0).key("h", 2)
+    assert fit.FitConfig().key("h", 2) == fit.FitConfig(n_keep=0).key("h", 2)
 
 
 def test_finishing_pass_completes_failed_fits_on_the_prompt_alone_and_leaves_the_store(tiny_models, tmp_path):
