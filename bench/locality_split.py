@@ -26,13 +26,9 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first torch import
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
-from bench.siblings import _labelled, read_records
-from meg import facts
+from bench import records
 from meg.facts import normalise_prompt
 from meg.subject_gate import SubjectIndex
 
@@ -101,33 +97,15 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", choices=["counterfact", "zsre"])
-    src.add_argument("--facts", type=Path)
-    p.add_argument("--n-edits", type=int, default=None, help="the size of the edit set the records were run with")
-    p.add_argument("--records", action="append", required=True, metavar="[LABEL=]PATH",
-                   help="per-edit outputs of bench.quality (repeatable)")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-    edits = facts.load_benchmark(args.dataset, "edit") if args.dataset else facts.read_facts(args.facts)
-    edits = edits[: args.n_edits] if args.n_edits else edits
-    rows = []
-    for label, path in (_labelled(r) for r in args.records):
-        got = read_records(path, ("method", "id", "loc_ag", "loc_tf"))
-        methods = {r["method"] for r in got}
-        for r in got:
-            if label:
-                r["method"] = label if len(methods) == 1 else f"{label}/{r['method']}"
-            rows.append(r)
+    args = records.parser(__doc__.splitlines()[0], records_required=True).parse_args(argv)
+    edits = records.edit_set(args)
+    rows = records.labelled_rows([records.labelled(r) for r in args.records], ("loc_ag", "loc_tf"))
     groups = classify(edits, list(dict.fromkeys(r["id"] for r in rows)))
     result = {"source": args.dataset or str(args.facts), "n_edits": len(edits),
               "groups": {g: sum(1 for k, _ in groups.values() if k == g) for g in GROUPS},
               "methods": split(groups, rows)}
     print(table(result["methods"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"results: {args.out}")
+    records.write_result(args.out, result)
     return 0
 
 

@@ -25,15 +25,14 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first torch import
 
-import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from meg import facts
+from bench import records
+from bench.records import labelled_rows
 from meg.facts import normalise_prompt
 from meg.editor import MegConfig, base_encoder
 
@@ -60,75 +59,35 @@ def classify(edits: list, encode) -> list[str]:
     return kind
 
 
-def read_records(path: Path, fields: tuple[str, ...]) -> list[dict]:
-    """The records of a bench.quality records file; a line that is not JSON or lacks one of
-    ``fields`` stops with the file and line named."""
-    rows = []
-    with Path(path).open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                r = json.loads(line)
-                missing = [k for k in fields if k not in r]
-                if missing:
-                    raise KeyError(", ".join(missing))
-            except (ValueError, KeyError, TypeError) as e:
-                raise SystemExit(f"{path}: record {n}: not a bench.quality record ({e})")
-            rows.append(r)
-    return rows
-
-
 def split_metrics(kind: list[str], edits: list, records: Path | list[tuple[str | None, Path]]) -> dict:
     """{method: {group: {"n", "rel_ag", "gen_ag"}}} from bench.quality records files.
 
     ``records`` is one path or a list of (label or None, path) pairs; see the module doc for labels.
     """
-    if isinstance(records, Path):
-        records = [(None, records)]
     group_of = {e.id: k for e, k in zip(edits, kind)}
     sums: dict = defaultdict(lambda: defaultdict(lambda: [0, 0, 0]))
-    for name, path in records:
-        rows = [(r["method"], r["id"], r["rel_ag"], r["gen_ag"])
-                for r in read_records(path, ("method", "id", "rel_ag", "gen_ag"))]
-        methods = {m for m, *_ in rows}
-        for method, rid, rel, gen in rows:
-            if rid not in group_of:
-                continue
-            if name:
-                method = name if len(methods) == 1 else f"{name}/{method}"
-            for g in (group_of[rid], "all"):
-                s = sums[method][g]
-                s[0] += 1
-                s[1] += bool(rel)
-                s[2] += bool(gen)
+    for r in labelled_rows(records, ("rel_ag", "gen_ag")):
+        if r["id"] not in group_of:
+            continue
+        for g in (group_of[r["id"]], "all"):
+            s = sums[r["method"]][g]
+            s[0] += 1
+            s[1] += bool(r["rel_ag"])
+            s[2] += bool(r["gen_ag"])
     return {m: {g: {"n": s[0], "rel_ag": round(100 * s[1] / s[0], 1), "gen_ag": round(100 * s[2] / s[0], 1)}
                 for g, s in groups.items()} for m, groups in sums.items()}
 
 
-def _labelled(arg: str) -> tuple[str | None, Path]:
-    """"LABEL=PATH" -> (LABEL, PATH); a bare path (also one holding "=", if it exists) -> (None, PATH)."""
-    label, sep, path = arg.partition("=")
-    return (label or None, Path(path)) if sep and not Path(arg).is_file() else (None, Path(arg))
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", choices=["counterfact", "zsre"])
-    src.add_argument("--facts", type=Path)
-    p.add_argument("--n-edits", type=int, default=None)
-    p.add_argument("--records", action="append", default=[], metavar="[LABEL=]PATH",
-                   help="per-edit outputs of bench.quality (repeatable)")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-    edits = facts.load_benchmark(args.dataset, "edit") if args.dataset else facts.read_facts(args.facts)
-    edits = edits[: args.n_edits] if args.n_edits else edits
+    args = records.parser(__doc__.splitlines()[0], records_required=False).parse_args(argv)
+    edits = records.edit_set(args)
     kind = classify(edits, base_encoder(MegConfig()).encode)
     counts = {k: kind.count(k) for k in ("alone", "sibling", "ambiguous")}
     result = {"source": args.dataset or str(args.facts), "n_edits": len(edits), "groups": counts}
     print(f"{len(edits)} edits: {counts['alone']} without a contradicting sibling, {counts['sibling']} with one, "
           f"{counts['ambiguous']} whose paraphrase is at least as close to a sibling's prompt")
     if args.records:
-        result["methods"] = split_metrics(kind, edits, [_labelled(r) for r in args.records])
+        result["methods"] = split_metrics(kind, edits, [records.labelled(r) for r in args.records])
         width = max(16, *(len(m) for m in result["methods"]))
         print(f"{'method':<{width}} {'group':<10} {'n':>5} {'Rel AG':>7} {'Gen AG':>7}")
         for m, groups in result["methods"].items():
@@ -136,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 if g in groups:
                     s = groups[g]
                     print(f"{m:<{width}} {g:<10} {s['n']:>5} {s['rel_ag']:>7.1f} {s['gen_ag']:>7.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"results: {args.out}")
+    records.write_result(args.out, result)
     return 0
 
 
