@@ -43,8 +43,11 @@ def first_token_change(loaded: lm.LoadedModel, prompts: list[str], weights: torc
 
 def subject_spill(loaded: lm.LoadedModel, edits, res: fit.FitResult, cfg: fit.FitConfig, bank) -> float:
     """% of held-out same-subject questions of another relation whose first token the edit's neuron changes."""
-    pairs = [(i, qs[cfg.n_keep]) for i, e in enumerate(edits)
-             if len(qs := fit.keep_questions(e, bank, cfg.n_keep + 1)) > cfg.n_keep]
+    def questions(e):  # as the fit draws them, one more: the last is held out
+        return fit.keep_questions(e, bank, cfg.n_keep + 1, taken=bank.variants(e.prompt, e.subject, cfg.n_variants,
+                                                                                e.target_new))
+
+    pairs = [(i, qs[cfg.n_keep]) for i, e in enumerate(edits) if len(qs := questions(e)) > cfg.n_keep]
     return first_token_change(loaded, [q for _, q in pairs], res.weights[[i for i, _ in pairs]], res.layer, cfg.act)
 
 
