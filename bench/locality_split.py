@@ -89,10 +89,9 @@ def table(result: dict) -> str:
         for g in (*GROUPS, "all"):
             if g in gs:
                 s = gs[g]
+                new = f"{s['new_target']:.1f}" if "new_target" in s else ""
                 lines.append(f"| {method} | {g} | {s['n']:,} | {s['loc_ag']:.1f} | {s['loc_tf']:.1f} | "
-                             f"{s['routed']:.1f} | {s['new_target']:.1f} |" if "new_target" in s else
-                             f"| {method} | {g} | {s['n']:,} | {s['loc_ag']:.1f} | {s['loc_tf']:.1f} | "
-                             f"{s['routed']:.1f} | |")
+                             f"{s['routed']:.1f} | {new} |")
     return "\n".join(lines)
 
 

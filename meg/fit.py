@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from meg import lm, neuron, textbatch
 from meg.hashing import file_sha256
 from meg.errors import ConfigError
+from meg.facts import normalise_prompt
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -577,14 +578,15 @@ def keep_questions(edit: "EditRequest", bank: "TemplateBank", n: int, taken: lis
     if n <= 0 or not edit.subject:
         return []
     seed = int(edit.content_key[8:16], 16)  # other digits than the context questions' seed
-    skip = {" ".join(q.split()).casefold() for q in [edit.prompt, *taken]}
+    seen = {normalise_prompt(q) for q in [edit.prompt, *taken]}
     out: list[str] = []
     for j in range(4 * n):  # the bank cycles through its relations; a few more draws cover repeats
         q = bank.other_relation(edit.prompt, edit.subject, seed + j)
-        if q and " ".join(q.split()).casefold() not in skip | {" ".join(o.split()).casefold() for o in out}:
+        if q and normalise_prompt(q) not in seen:
+            seen.add(normalise_prompt(q))
             out.append(q)
-        if len(out) == n:
-            break
+            if len(out) == n:
+                break
     return out
 
 
@@ -694,7 +696,7 @@ def fit_edits(
                 prompts.append(text)
                 target_ids.append(ids)
                 edit_of_row.append(i)
-            for text in keep_questions(e, bank, cfg.n_keep, taken=rewordings) if bank and not n_contexts else []:
+            for text in keep_questions(e, bank, 0 if n_contexts else cfg.n_keep, taken=rewordings):
                 keep_rows.append(len(prompts))
                 prompts.append(text)
                 target_ids.append(None)  # the base model's answer, filled in below
