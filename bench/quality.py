@@ -17,7 +17,8 @@ e.g. ``fit.layer=28``, ``router=familiarity``, ``router_options.subject_gate=tru
 ``generator.sample_steps=10``); ``--variant NAME:KEY=VALUE,KEY=VALUE`` adds a MeG method with those
 changes on top. ``--work-dir`` keeps fitted weights and generator checkpoints between runs, so
 variants that share them (and reruns) do not recompute them. ``--fit-shard I/N`` only fits shard I of N
-into the work dir and stops, so N processes fit a large edit set on N cores before the evaluating run:
+and stops, so N processes fit a large edit set on N cores before the evaluating run: MeG's neurons
+into the work dir, MEMIT's and AlphaEdit's target residuals z into their store under $MEG_HOME:
 
     for i in 0 1; do python -m bench.quality --dataset counterfact --n-edits 10000 --methods meg \
         --work-dir W --threads 1 --fit-shard $i/2 & done; wait
@@ -39,6 +40,8 @@ from meg.benchmark import locality_labels, run_methods
 from meg.editors import EDITORS, make_editor
 from meg.errors import ConfigError
 from meg.report import write_report
+
+SHARDED = ("meg", "memit", "alphaedit")  # the methods --fit-shard fits
 
 
 def _value(text: str):
@@ -88,8 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=lm.DEFAULT_MODEL)
     p.add_argument("--out", type=Path, default=None, help="the results JSON (required unless --fit-shard)")
     p.add_argument("--fit-shard", default=None, metavar="I/N",
-                   help="only fit shard I of N of the meg method's edits into --work-dir, then stop: run the N "
-                        "shards at once (one per core), then the evaluating run finds every edit fitted")
+                   help="only fit shard I of N of the edits, then stop (meg: neurons into --work-dir; memit, "
+                        "alphaedit: z into their store): run the N shards at once (one per core), then the "
+                        "evaluating run finds every edit fitted")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--mlflow", type=Path, default=None, help="log metrics and the report to the MLflow store here")
@@ -99,8 +103,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"unknown method {m!r}; choose from {', '.join(EDITORS)}")
     if args.n_edits < 1:
         p.error("--n-edits must be >= 1")
-    if args.fit_shard is not None and args.work_dir is None:
-        p.error("--fit-shard needs --work-dir (the fit store the shards share)")
+    if args.fit_shard is not None:
+        methods = set(filter(None, args.methods.split(","))) | ({"meg"} if args.variant else set())
+        if not methods & set(SHARDED):
+            p.error(f"--fit-shard fits the methods {', '.join(SHARDED)}; none is in --methods")
+        if "meg" in methods and args.work_dir is None:
+            p.error("--fit-shard needs --work-dir (the fit store the shards share)")
     if args.fit_shard is None and args.out is None:
         p.error("--out is required")
     if args.eval_edits is not None and not 1 <= args.eval_edits:
@@ -128,20 +136,29 @@ def editor_factory(args: argparse.Namespace):
 
 
 def fit_shard(args: argparse.Namespace, shard: tuple[int, int], loaded, edits: list) -> int:
-    """Fit the edits of shard (i, n) (by content key, as ``meg fit --shard``) with the meg method's settings
-    into the work dir's fit store, exactly as the meg build would fit them."""
-    from meg import fit
-    from meg.editor import MegConfig, pseudo_pool, template_bank, with_overrides
+    """Fit the edits of shard (i, n) (by content key, as ``meg fit --shard``), exactly as the evaluating run
+    would fit them: with the meg method's settings into the work dir's fit store, and the z of MEMIT and
+    AlphaEdit (registry settings) into their store."""
     from meg.stages.fit import shard_of
 
     i, n = shard
-    cfg = with_overrides(MegConfig(), args.meg_settings)
-    bank = template_bank(cfg, pseudo_pool(edits), edits)
+    methods = [m for m in filter(None, args.methods.split(",")) if m in SHARDED]
+    if args.variants and "meg" not in methods:
+        methods.insert(0, "meg")
     mine = [e for e in edits if shard_of(e.content_key, n) == i]
-    print(f"bench.quality: fitting shard {i}/{n}: {len(mine)} of {len(edits)} edits", flush=True)
-    t0 = time.time()
-    result = fit.fit_edits(loaded, mine, cfg.fit, store_dir=args.work_dir / "fit", bank=bank)
-    print(f"bench.quality: shard {i}/{n} fitted in {time.time() - t0:.0f} s: {result.report()}", flush=True)
+    for method in methods:
+        print(f"bench.quality: {method}: fitting shard {i}/{n}: {len(mine)} of {len(edits)} edits", flush=True)
+        t0 = time.time()
+        if method == "meg":
+            from meg import fit
+            from meg.editor import MegConfig, pseudo_pool, template_bank, with_overrides
+
+            cfg = with_overrides(MegConfig(), args.meg_settings)
+            bank = template_bank(cfg, pseudo_pool(edits), edits)
+            report = fit.fit_edits(loaded, mine, cfg.fit, store_dir=args.work_dir / "fit", bank=bank).report()
+        else:
+            report = f"{make_editor(method).store_targets(loaded, mine)} z stored"
+        print(f"bench.quality: {method}: shard {i}/{n} fitted in {time.time() - t0:.0f} s: {report}", flush=True)
     return 0
 
 
@@ -165,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     edits = edits[: args.n_edits]
     loaded = lm.load_model(args.model)
     if shard is not None:
-        return fit_shard(args, shard, loaded, edits)
+        try:
+            return fit_shard(args, shard, loaded, edits)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     methods = [m for m in args.methods.split(",") if m] + list(args.variants)
     print(f"bench.quality: {len(edits)} edits from {dataset}, model {loaded.model_id}", flush=True)
     n_evaluated = min(args.eval_edits, len(edits)) if args.eval_edits else None

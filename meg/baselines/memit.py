@@ -135,6 +135,22 @@ class LeastSquaresEditor(Editor):
 
     # ---- the shared procedure
 
+    def store_targets(self, loaded: lm.LoadedModel, edits: "list[EditRequest]") -> int:
+        """Optimise and store the z of ``edits`` as ``apply`` would for them in its first batch, without
+        editing; returns how many were stored. N processes given disjoint parts of an edit set fill the
+        shared z store on N cores before the run that edits finds every z there."""
+        cfg = self.config_for(loaded)
+        if not cfg.cache:
+            raise ConfigError(f"{self.name}: storing z needs 'cache' on (the store is where they go)")
+        if cfg.batch_size:
+            raise ConfigError(f"{self.name}: the z of a sequential batch depend on the batches before it "
+                              f"(batch_size {cfg.batch_size}); only one-batch edits (batch_size 0) can be stored ahead")
+        layers = cfg.layers or default_layers(loaded.model)
+        found = targets.target_vectors(loaded, list(edits), layers[-1], cfg.target,
+                                       lm.meg_home() / "baselines" / "z", cfg.progress)
+        return len({e.content_key for e in edits} & found.keys())
+
+
     def apply(self, loaded: lm.LoadedModel, edits: "list[EditRequest]") -> EditedLM:
         cfg = self.config_for(loaded)
         layers = cfg.layers or default_layers(loaded.model)

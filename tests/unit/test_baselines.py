@@ -223,6 +223,32 @@ def test_z_optimisation_lowers_the_loss_per_edit_independently(tiny_models):
     assert all(float(r["loss"]) < 0.5 * float(r["loss0"]) for r in together.values())
 
 
+def test_z_stored_ahead_in_parts_are_what_the_edit_uses(tiny_models, home, monkeypatch):
+    loaded = tiny_models["llama"]
+    edits = _edits()
+    for part in (edits[:2], edits[2:]):  # as two shard processes would
+        assert _editor("memit").store_targets(loaded, part) == len(part)
+
+    def no_optimising(*a, **kw):
+        raise AssertionError("a z was optimised again")
+
+    optimise = targets._optimise
+    monkeypatch.setattr(targets, "_optimise", no_optimising)
+    ahead = _editor("memit").apply(loaded, edits)
+    w_ahead = {l: lm.out_proj_weight(loaded.model, l).clone() for l in (0, 1)}
+    ahead.close()
+    monkeypatch.setattr(targets, "_optimise", optimise)
+    monkeypatch.setenv("MEG_HOME", str(home / "fresh"))
+    at_once = _editor("memit").apply(loaded, edits)
+    for l, w in w_ahead.items():
+        assert torch.allclose(w, lm.out_proj_weight(loaded.model, l), atol=1e-4)
+    at_once.close()
+    with pytest.raises(ConfigError, match="batch_size"):
+        _editor("memit", batch_size=2).store_targets(loaded, edits)
+    with pytest.raises(ConfigError, match="cache"):
+        _editor("memit", cache=False).store_targets(loaded, edits)
+
+
 def test_covariance_matches_the_corpus_and_resumes(tiny_models, home, monkeypatch):
     loaded = tiny_models["llama"]
     monkeypatch.setattr(covariance, "TOKENS_PER_BATCH", 64)  # several batches

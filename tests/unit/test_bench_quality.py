@@ -1,4 +1,4 @@
-"""bench.quality --fit-shard: shards that together fit every edit once into the shared fit store."""
+"""bench.quality --fit-shard: shards that together fit every edit once into the shared store."""
 
 import pytest
 
@@ -28,3 +28,24 @@ def test_fit_shards_fill_the_store_once_and_the_errors_are_clear(tmp_path, tiny_
     with pytest.raises(SystemExit):
         main(common[:-4] + ["--fit-shard", "0/2"])  # no --work-dir
     assert "--fit-shard needs --work-dir" in capsys.readouterr().err
+
+
+def test_memit_shards_store_every_z_once(tmp_path, tiny_models, tokenizer, monkeypatch, capsys):
+    from bench.quality import main
+    from meg.facts import load_benchmark
+    from meg.fit import WeightStore
+
+    monkeypatch.setenv("MEG_HOME", str(tmp_path / "home"))  # after the tokenizer is loaded from the real cache
+    model_dir = tmp_path / "tiny"
+    tiny_models["llama"].model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    common = ["--dataset", "counterfact", "--n-edits", "4", "--model", str(model_dir)]
+    for i in range(2):
+        assert main(common + ["--methods", "none,memit,alphaedit", "--fit-shard", f"{i}/2"]) == 0
+    stores = {p.parent for p in (tmp_path / "home" / "baselines" / "z").glob("*/part-*.safetensors")}
+    assert len(stores) == 1  # MEMIT and AlphaEdit share z (same layers and settings in the registry defaults)
+    keys = [e.content_key for e in load_benchmark("counterfact", "edit")[:4]]
+    assert sorted(WeightStore(stores.pop()).load()) == sorted(keys)
+    with pytest.raises(SystemExit):
+        main(common + ["--methods", "none,ft", "--fit-shard", "0/2"])
+    assert "none is in --methods" in capsys.readouterr().err
