@@ -57,6 +57,10 @@ class TargetConfig:
     seed: int = 0  # of the context prefixes
 
     def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay", "clamp_norm_factor", "kl_factor", "stop_loss"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, float(value))  # 4 and 4.0 are one setting, and one store key
         checks = {"steps": self.steps >= 1, "lr": self.lr > 0, "weight_decay": self.weight_decay >= 0,
                   "clamp_norm_factor": self.clamp_norm_factor > 0, "kl_factor": self.kl_factor >= 0,
                   "stop_loss": self.stop_loss >= 0, "n_prefixes": self.n_prefixes >= 0,

@@ -211,6 +211,8 @@ def test_z_are_stored_and_reused(tiny_models, tmp_path, monkeypatch):
         assert torch.equal(first[e.content_key]["z"], second[e.content_key]["z"])
     other = TargetConfig(**{**TARGET.__dict__, "lr": 0.1})
     assert other.key(loaded.content_hash, 1, ["a"]) != TARGET.key(loaded.content_hash, 1, ["a"])
+    same = TargetConfig(**{**TARGET.__dict__, "clamp_norm_factor": 4})  # an int where the registry has 4.0
+    assert same.key(loaded.content_hash, 1, ["a"]) == TARGET.key(loaded.content_hash, 1, ["a"])
 
 
 def test_z_optimisation_lowers_the_loss_per_edit_independently(tiny_models):
