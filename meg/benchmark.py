@@ -104,7 +104,7 @@ def locality_labels(loaded: lm.LoadedModel, edits: list, batch_size: int = 32,
     print(f"locality labels from the pre-edit model: {time.time() - t0:.1f} s", flush=True)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # runs that share a work dir may write it at once
         tmp.write_text(json.dumps({"prompts": labels.prompts, "texts": labels.texts, "token_ids": labels.token_ids}))
         os.replace(tmp, path)
     return labels

@@ -33,7 +33,7 @@ def _dir(loaded: lm.LoadedModel, cfg: CorpusConfig) -> Path:
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, meta: dict) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two editors may compute the same statistics at once
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
     os.replace(tmp, path)
 
