@@ -104,10 +104,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.n_edits < 1:
         p.error("--n-edits must be >= 1")
     if args.fit_shard is not None:
-        methods = set(filter(None, args.methods.split(","))) | ({"meg"} if args.variant else set())
-        if not methods & set(SHARDED):
+        named = list(filter(None, args.methods.split(",")))
+        # the methods the shard fits, meg first when only variants of it are asked for
+        args.shard_methods = (["meg"] if args.variant and "meg" not in named else []) + \
+            [m for m in named if m in SHARDED]
+        if not args.shard_methods:
             p.error(f"--fit-shard fits the methods {', '.join(SHARDED)}; none is in --methods")
-        if "meg" in methods and args.work_dir is None:
+        if "meg" in args.shard_methods and args.work_dir is None:
             p.error("--fit-shard needs --work-dir (the fit store the shards share)")
     if args.fit_shard is None and args.out is None:
         p.error("--out is required")
@@ -142,11 +145,8 @@ def fit_shard(args: argparse.Namespace, shard: tuple[int, int], loaded, edits: l
     from meg.stages.fit import shard_of
 
     i, n = shard
-    methods = [m for m in filter(None, args.methods.split(",")) if m in SHARDED]
-    if args.variants and "meg" not in methods:
-        methods.insert(0, "meg")
     mine = [e for e in edits if shard_of(e.content_key, n) == i]
-    for method in methods:
+    for method in args.shard_methods:
         print(f"bench.quality: {method}: fitting shard {i}/{n}: {len(mine)} of {len(edits)} edits", flush=True)
         t0 = time.time()
         if method == "meg":

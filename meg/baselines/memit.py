@@ -96,6 +96,11 @@ def default_layers(model: torch.nn.Module) -> tuple[int, ...]:
     return tuple(range(first, max(first, round(0.3 * n)) + 1))
 
 
+def z_root() -> Path:
+    """Where the z of every edit are stored (per model, layer and z settings below it)."""
+    return lm.meg_home() / "baselines" / "z"
+
+
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
@@ -146,10 +151,8 @@ class LeastSquaresEditor(Editor):
             raise ConfigError(f"{self.name}: the z of a sequential batch depend on the batches before it "
                               f"(batch_size {cfg.batch_size}); only one-batch edits (batch_size 0) can be stored ahead")
         layers = cfg.layers or default_layers(loaded.model)
-        found = targets.target_vectors(loaded, list(edits), layers[-1], cfg.target,
-                                       lm.meg_home() / "baselines" / "z", cfg.progress)
+        found = targets.target_vectors(loaded, list(edits), layers[-1], cfg.target, z_root(), cfg.progress)
         return len({e.content_key for e in edits} & found.keys())
-
 
     def apply(self, loaded: lm.LoadedModel, edits: "list[EditRequest]") -> EditedLM:
         cfg = self.config_for(loaded)
@@ -178,7 +181,7 @@ class LeastSquaresEditor(Editor):
     def _edit(self, loaded, edits, cfg, layers, weights) -> dict:
         t0 = time.time()
         home = lm.meg_home() / "baselines"
-        z_dir = home / "z" if cfg.cache else None
+        z_dir = z_root() if cfg.cache else None
         run_dir = home / self.name / cfg.key(loaded.content_hash, [e.content_key for e in edits]) if cfg.cache else None
         if run_dir:
             run_dir.mkdir(parents=True, exist_ok=True)
