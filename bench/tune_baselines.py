@@ -3,6 +3,7 @@
     python -m bench.tune_baselines trace --out OUT.json [--n-facts 32]
     python -m bench.tune_baselines keys --out OUT.json [--layers 6,12,18,24,28]
     python -m bench.tune_baselines sweep --method memit --grid '[{"mom2_weight": 1e4}, ...]' --out OUT.json
+    python -m bench.tune_baselines sweep --method memit --grid GRID --n-edits 1000 --eval-edits 200 --out OUT.json
     python -m bench.tune_baselines report OUT.json ...
 
 Pseudo-edits come from the last 1,000 records of the CounterFact *train* split, which the key
@@ -17,7 +18,15 @@ facts the model knows. MEMIT edits where that effect is high.
 ``sweep`` applies each configuration (registry settings + one override dict of the grid) to the
 same pseudo-edits and evaluates it with the benchmark's protocol (``meg.evaluate``); every row
 (overrides, metrics, what the editor reports, seconds) is written to OUT.json as soon as it is
-done, and rows already there are skipped, so an interrupted sweep resumes.
+done, and rows already there are skipped, so an interrupted sweep resumes. ``--eval-edits M`` applies
+all ``--n-edits`` in one batch and asks the questions of the first M only: a setting whose effect
+grows with the edit count (MEMIT's lambda, AlphaEdit's l2) is chosen at the size it will edit, for a
+fraction of the evaluation. ``--fit-shard I/N`` only optimises and stores MEMIT's / AlphaEdit's z of
+shard I of the pseudo-edits (every z setting of the grid), so N processes do the costly part on N
+cores before the sweep finds every z in the store:
+
+    for i in 0 1; do python -m bench.tune_baselines sweep --method memit --grid GRID --n-edits 1000 \
+        --out OUT.json --fit-shard $i/2 & done; wait
 """
 
 from __future__ import annotations
@@ -32,12 +41,15 @@ import torch
 from meg import facts, lm, textbatch
 from meg.baselines import locate
 from meg.benchmark import run_methods
+from meg.errors import ConfigError
 
 HELD_OUT = 9000  # train records from here on are outside the statistics corpus
 
 
 def pseudo_edits(n: int, offset: int = 0) -> list:
     pool = facts.load_benchmark("counterfact", "train")[HELD_OUT:]
+    if offset + n > len(pool):
+        raise ConfigError(f"{n} pseudo-edits from offset {offset} asked; the held-out train records are {len(pool)}")
     return pool[offset : offset + n]
 
 
@@ -167,10 +179,26 @@ def _editor(method: str, loaded, overrides: dict):
     return cls(registry.CONFIGS[method](**merged))
 
 
-def sweep(loaded, method: str, grid: list[dict], n_edits: int, out: Path) -> list[dict]:
-    """Evaluate every configuration of ``grid`` not yet in ``out`` (locality labels computed once)."""
+def store_shard(loaded, method: str, grid: list[dict], n_edits: int, shard: tuple[int, int]) -> int:
+    """Optimise and store the z of shard (i, n) of the pseudo-edits for every configuration of ``grid``
+    (configurations with the same z settings share them); returns how many z the shard holds."""
+    from meg.stages.fit import shard_of
+
+    if method == "grace":
+        raise ConfigError("--fit-shard stores MEMIT's and AlphaEdit's z; GRACE has none")
+    i, n = shard
+    mine = [e for e in pseudo_edits(n_edits) if shard_of(e.content_key, n) == i]
+    print(f"tune_baselines: {method}: z of shard {i}/{n}: {len(mine)} of {n_edits} pseudo-edits", flush=True)
+    return min(_editor(method, loaded, o).store_targets(loaded, mine) for o in grid or [{}])
+
+
+def sweep(loaded, method: str, grid: list[dict], n_edits: int, out: Path, eval_edits: int | None = None) -> list[dict]:
+    """Evaluate every configuration of ``grid`` not yet in ``out`` (locality labels computed once); with
+    ``eval_edits`` the questions of the first that many edits only (all ``n_edits`` are applied)."""
     done = json.loads(out.read_text())["rows"] if out.is_file() else []
-    seen = {json.dumps(r["overrides"], sort_keys=True) for r in done if r["method"] == method}
+    asked = eval_edits if eval_edits and eval_edits < n_edits else None
+    seen = {json.dumps(r["overrides"], sort_keys=True) for r in done
+            if r["method"] == method and r["n_edits"] == n_edits and r.get("n_evaluated") == asked}
     todo = {f"cfg{i}": o for i, o in enumerate(grid) if json.dumps(o, sort_keys=True) not in seen}
     if not todo:
         return done
@@ -188,7 +216,7 @@ def sweep(loaded, method: str, grid: list[dict], n_edits: int, out: Path) -> lis
             return edited
 
     def record(name: str, metrics: dict) -> None:
-        row = {"method": method, "overrides": todo[name], "n_edits": len(edits), **metrics,
+        row = {"method": method, "overrides": todo[name], "n_edits": len(edits), "n_evaluated": asked, **metrics,
                "extra": extras.get(name, {})}
         done.append(row)
         tmp = out.with_suffix(".tmp")
@@ -198,7 +226,8 @@ def sweep(loaded, method: str, grid: list[dict], n_edits: int, out: Path) -> lis
               f"rel {row['rel_ag']:.1f} gen {row['gen_ag']:.1f} loc {row['loc_ag']:.1f} "
               f"({row['edit_seconds']:.0f} s)", flush=True)
 
-    run_methods(loaded, edits, "counterfact-train-heldout", list(todo), editor_factory=Recording, on_result=record)
+    run_methods(loaded, edits, "counterfact-train-heldout", list(todo), editor_factory=Recording, on_result=record,
+                n_evaluated=asked)
     return done
 
 
@@ -215,7 +244,8 @@ def report(path: Path) -> str:
     lines = ["| method | overrides | n | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
     for r in rows:
         cells = " | ".join(f"{r[c]:.1f}" for c in cols)
-        lines.append(f"| {r['method']} | `{json.dumps(r['overrides'], sort_keys=True)}` | {r['n_edits']} | {cells} |")
+        n = f"{r['n_edits']} ({r['n_evaluated']} asked)" if r.get("n_evaluated") else f"{r['n_edits']}"
+        lines.append(f"| {r['method']} | `{json.dumps(r['overrides'], sort_keys=True)}` | {n} | {cells} |")
     return "\n".join(lines)
 
 
@@ -233,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--method", choices=["memit", "alphaedit", "grace"], required=True)
     s.add_argument("--grid", required=True, help="a JSON list of override dicts")
     s.add_argument("--n-edits", type=int, default=32)
+    s.add_argument("--eval-edits", type=int, default=None, metavar="M",
+                   help="apply all --n-edits, ask the questions of the first M only")
+    s.add_argument("--fit-shard", default=None, metavar="I/N",
+                   help="only optimise and store MEMIT's / AlphaEdit's z of shard I of N, then stop")
     for q in (t, k, s):
         q.add_argument("--model", default=lm.DEFAULT_MODEL)
         q.add_argument("--out", type=Path, required=True)
@@ -259,7 +293,20 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(r)
         return 0
-    sweep(loaded, args.method, json.loads(args.grid), args.n_edits, args.out)
+    try:
+        grid = json.loads(args.grid)
+        if args.fit_shard is not None:
+            from meg.stages.fit import parse_shard
+
+            stored = store_shard(loaded, args.method, grid, args.n_edits, parse_shard(args.fit_shard))
+            print(f"tune_baselines: shard {args.fit_shard}: {stored} z in the store", flush=True)
+            return 0
+        if args.eval_edits is not None and not 1 <= args.eval_edits <= args.n_edits:
+            raise ConfigError(f"--eval-edits must be in 1..{args.n_edits} (--n-edits), got {args.eval_edits}")
+        sweep(loaded, args.method, grid, args.n_edits, args.out, args.eval_edits)
+    except (ConfigError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

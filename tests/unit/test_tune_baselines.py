@@ -1,0 +1,64 @@
+"""bench.tune_baselines sweep: z stored ahead by shards, settings chosen at the edited size."""
+
+import json
+
+import pytest
+
+GRID = [{"layers": [0, 1], "mom2_weight": 1.0, "progress": False,
+         "target": {"steps": 2, "n_prefixes": 1, "prefix_tokens": 2},
+         "corpus": {"n_sampled": 2, "sample_tokens": 4, "n_train_records": 8, "batch_size": 2}}]
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tiny_models, tokenizer, monkeypatch):
+    monkeypatch.setenv("MEG_HOME", str(tmp_path / "home"))  # after the tokenizer is loaded from the real cache
+    path = tmp_path / "tiny"
+    tiny_models["llama"].model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_shards_store_the_z_the_sweep_then_uses_and_it_asks_the_first_edits_only(tiny_dir, tmp_path, monkeypatch):
+    from bench import tune_baselines
+    from meg.baselines import targets
+    from meg.fit import WeightStore
+
+    out = tmp_path / "sweep.json"
+    common = ["sweep", "--method", "memit", "--model", str(tiny_dir), "--n-edits", "4", "--out", str(out)]
+    for i in range(2):
+        assert tune_baselines.main(common + ["--grid", json.dumps(GRID), "--fit-shard", f"{i}/2"]) == 0
+    assert not out.exists()  # a shard only stores z
+    stores = {p.parent for p in (tmp_path / "home" / "baselines" / "z").glob("*/part-*.safetensors")}
+    assert len(stores) == 1
+    keys = [e.content_key for e in tune_baselines.pseudo_edits(4)]
+    assert sorted(WeightStore(stores.pop()).load()) == sorted(keys)  # every pseudo-edit once
+
+    def no_optimising(*a, **kw):
+        raise AssertionError("a z was optimised again")
+
+    monkeypatch.setattr(targets, "_optimise", no_optimising)
+    grid = GRID + [{**GRID[0], "mom2_weight": 100.0}]  # two lambdas, one z
+    assert tune_baselines.main(common + ["--grid", json.dumps(grid), "--eval-edits", "2"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["overrides"]["mom2_weight"] for r in rows] == [1.0, 100.0]
+    assert all(r["n_edits"] == 4 and r["n_evaluated"] == 2 for r in rows)
+    assert "4 (2 asked)" in tune_baselines.report(out)
+    # the same settings at another evaluated size are a new row, not a skipped one
+    assert tune_baselines.main(common + ["--grid", json.dumps(GRID[:1]), "--eval-edits", "1"]) == 0
+    assert [r["n_evaluated"] for r in json.loads(out.read_text())["rows"]] == [2, 2, 1]
+
+
+def test_bad_sweep_arguments_are_refused_clearly(tiny_dir, tmp_path, capsys):
+    from bench import tune_baselines
+
+    out = tmp_path / "sweep.json"
+    common = ["sweep", "--model", str(tiny_dir), "--out", str(out), "--grid", json.dumps(GRID)]
+    assert tune_baselines.main(common + ["--method", "memit", "--n-edits", "4", "--eval-edits", "5"]) == 2
+    assert "--eval-edits must be in 1..4" in capsys.readouterr().err
+    assert tune_baselines.main(common + ["--method", "grace", "--n-edits", "4", "--fit-shard", "0/2"]) == 2
+    assert "GRACE has none" in capsys.readouterr().err
+    assert tune_baselines.main(common + ["--method", "memit", "--n-edits", "1001"]) == 2
+    assert "the held-out train records are 1000" in capsys.readouterr().err
+    assert tune_baselines.main(common + ["--method", "memit", "--fit-shard", "2/2"]) == 2
+    assert "bad shard" in capsys.readouterr().err
+    assert not out.exists()
