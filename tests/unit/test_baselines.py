@@ -114,6 +114,45 @@ def test_restores_after_an_exception_while_editing(tiny_models, home, monkeypatc
     assert _same(loaded.model, before)
 
 
+def test_fine_tuning_resumes_after_an_interruption_at_its_last_epoch(tiny_models, home, monkeypatch):
+    from meg.baselines import ft
+
+    loaded = tiny_models["llama"]
+    before = _state(loaded.model)
+    edits = _edits()
+    cfg = ft.FTConfig(layer=1, lr=1e-2, epochs=3, batch_size=2, progress=False)  # 2 steps per epoch
+    ffn = lm.ffn_module(loaded.model, 1)
+    monkeypatch.setenv("MEG_HOME", str(home / "whole"))
+    whole = ft.FineTune(cfg).apply(loaded, edits)
+    trained = [p.clone() for p in ffn.parameters()]
+    whole.close()
+    assert _same(loaded.model, before)
+
+    monkeypatch.setenv("MEG_HOME", str(home / "interrupted"))
+    logits_at, calls = ft.textbatch.logits_at, []
+
+    def counted(*a, fail_at=None, **k):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return logits_at(*a, **k)
+
+    monkeypatch.setattr(ft.textbatch, "logits_at", lambda *a, **k: counted(*a, fail_at=4, **k))
+    with pytest.raises(KeyboardInterrupt):  # in the second step of epoch 2
+        ft.FineTune(cfg).apply(loaded, edits)
+    assert _same(loaded.model, before)  # the base model is whole again
+    calls.clear()
+    monkeypatch.setattr(ft.textbatch, "logits_at", counted)
+    resumed = ft.FineTune(cfg).apply(loaded, edits)
+    assert len(calls) == 4  # epochs 2 and 3 only: epoch 1 came from the checkpoint
+    for p, q in zip(ffn.parameters(), trained):
+        assert torch.allclose(p, q, atol=1e-6)  # the same weights as the uninterrupted run
+    resumed.close()
+    calls.clear()
+    ft.FineTune(cfg).apply(loaded, edits).close()
+    assert not calls  # a finished run is not trained again
+
+
 @pytest.mark.parametrize("method", ["memit", "grace"])
 def test_close_restores_after_an_exception_while_answering(tiny_models, home, method):
     loaded = tiny_models["gpt2"]

@@ -61,7 +61,7 @@ def test_fine_tuning_edits_and_restores(tiny_models):
     loaded = tiny_models["llama"]
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     edits = _edits()
-    edited = FineTune(FTConfig(layer=2, lr=1e-2, epochs=30, batch_size=3)).apply(loaded, edits)
+    edited = FineTune(FTConfig(layer=2, lr=1e-2, epochs=30, batch_size=3, cache=False)).apply(loaded, edits)
     acc, _ = edited.score([e.prompt for e in edits], [e.target_new for e in edits])
     assert sum(acc) / len(acc) > 0.5
     edited.close()
