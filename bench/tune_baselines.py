@@ -180,12 +180,11 @@ def _editor(method: str, loaded, overrides: dict):
 
 
 def store_shard(loaded, method: str, grid: list[dict], n_edits: int, shard: tuple[int, int]) -> int:
-    """Optimise and store the z of shard (i, n) of the pseudo-edits for every configuration of ``grid``
-    (configurations with the same z settings share them); returns how many z the shard holds."""
+    """Optimise and store MEMIT's or AlphaEdit's z of shard (i, n) of the pseudo-edits for every
+    configuration of ``grid`` (configurations with the same z settings share them); returns how many z
+    the shard holds."""
     from meg.stages.fit import shard_of
 
-    if method == "grace":
-        raise ConfigError("--fit-shard stores MEMIT's and AlphaEdit's z; GRACE has none")
     i, n = shard
     mine = [e for e in pseudo_edits(n_edits) if shard_of(e.content_key, n) == i]
     print(f"tune_baselines: {method}: z of shard {i}/{n}: {len(mine)} of {n_edits} pseudo-edits", flush=True)
@@ -229,6 +228,22 @@ def sweep(loaded, method: str, grid: list[dict], n_edits: int, out: Path, eval_e
     run_methods(loaded, edits, "counterfact-train-heldout", list(todo), editor_factory=Recording, on_result=record,
                 n_evaluated=asked)
     return done
+
+
+def _sweep_arguments(args: argparse.Namespace) -> tuple[list[dict], tuple[int, int] | None]:
+    """The grid and the shard of a sweep's arguments; ConfigError naming what is wrong."""
+    from meg.stages.fit import parse_shard
+
+    try:
+        grid = json.loads(args.grid)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--grid is not JSON: {e}") from e
+    shard = parse_shard(args.fit_shard) if args.fit_shard is not None else None
+    if shard is not None and args.method == "grace":
+        raise ConfigError("--fit-shard stores MEMIT's and AlphaEdit's z; GRACE has none")
+    if args.eval_edits is not None and not 1 <= args.eval_edits <= args.n_edits:
+        raise ConfigError(f"--eval-edits must be in 1..{args.n_edits} (--n-edits), got {args.eval_edits}")
+    return grid, shard
 
 
 def objective(row: dict) -> float:
@@ -278,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.sweeps:
             print(report(path) + "\n")
         return 0
+    if args.cmd == "sweep":  # the arguments are checked before the model loads
+        try:
+            grid, shard = _sweep_arguments(args)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     torch.set_num_threads(args.threads)
     loaded = lm.load_model(args.model)
     if args.cmd == "trace":
@@ -293,18 +314,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(r)
         return 0
-    try:
-        grid = json.loads(args.grid)
-        if args.fit_shard is not None:
-            from meg.stages.fit import parse_shard
-
-            stored = store_shard(loaded, args.method, grid, args.n_edits, parse_shard(args.fit_shard))
+    try:  # more pseudo-edits than the pool holds is found once the pool is read
+        if shard is not None:
+            stored = store_shard(loaded, args.method, grid, args.n_edits, shard)
             print(f"tune_baselines: shard {args.fit_shard}: {stored} z in the store", flush=True)
-            return 0
-        if args.eval_edits is not None and not 1 <= args.eval_edits <= args.n_edits:
-            raise ConfigError(f"--eval-edits must be in 1..{args.n_edits} (--n-edits), got {args.eval_edits}")
-        sweep(loaded, args.method, grid, args.n_edits, args.out, args.eval_edits)
-    except (ConfigError, json.JSONDecodeError) as e:
+        else:
+            sweep(loaded, args.method, grid, args.n_edits, args.out, args.eval_edits)
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
