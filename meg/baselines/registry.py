@@ -36,6 +36,10 @@ HPARAMS: dict[tuple[str, str], dict[str, Any]] = {
     ("alphaedit", "smollm2-135m"): {"layers": (4, 5, 6, 7, 8), "l2": 10.0, "target": SMOLLM2_Z},
     # layer 18: at 28 the value cannot also bring the "\n" after the target (AG reliability 66%)
     ("grace", "smollm2-135m"): {"layer": 18, "eps_init": 1.0},
+    # layer 11 of {8, 11, 14} on 64 pseudo-edits: at 14 (MeG's layer) 30% of the values bring the "\n"
+    # (AG reliability 31.2), at 11 98%; eps 3.0, 0.7x the median locality distance there (SmolLM2's ratio):
+    # AG locality 95.3 (eps 3.5 at layer 8: 90.6); no radius reaches a paraphrase (generality 0)
+    ("grace", "gemma3-270m"): {"layer": 11, "eps_init": 3.0},
 }
 
 

@@ -410,3 +410,14 @@ def test_layers_beyond_the_model_are_refused(tiny_models, home):
 def test_every_baseline_is_registered():
     for name in ("memit", "alphaedit", "grace"):
         assert make_editor(name).name == name
+
+
+def test_every_registry_entry_names_a_known_model_and_builds_its_config():
+    from meg.baselines import registry
+
+    families = {spec.family for spec in lm.ARCHITECTURES.values()}
+    for (method, name), overrides in registry.HPARAMS.items():
+        assert name in lm.SOURCES or name in families, (method, name)
+        cfg = registry.CONFIGS[method](**overrides)  # a bad value raises ConfigError
+        for key, value in overrides.items():
+            assert key in cfg.__dataclass_fields__, (method, name, key)
