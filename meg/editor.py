@@ -47,7 +47,9 @@ class MegConfig:
     fit: fit.FitConfig = field(default_factory=lambda: fit.FitConfig(
         n_variants=4, context_fallback=4, head_candidates=64, head_refresh=10))
     encoder: dict = field(default_factory=dict)  # overrides of meg.encoder.EncoderConfig
-    router: str = "nearest"  # "nearest" (cosine to the nearest edit) or "familiarity" (the paper's)
+    # "nearest" (cosine to the nearest edit), "familiarity" (the paper's) or "off" (the ablation: every
+    # question is routed, to its nearest edit by cosine, with no threshold)
+    router: str = "nearest"
     router_options: dict = field(default_factory=dict)
     generator: dict = field(default_factory=dict)  # overrides of meg.generator.GeneratorConfig
     # "lookup" (the routed edit's own fitted weights) or "generator" (the paper's MeG: weights generated per
@@ -114,7 +116,7 @@ class EditedModel(evaluate.EditedLM):
 
     def route(self, prompts: list[str]):
         emb = self.encoder.encode(prompts)
-        if self.cfg.router == "off":
+        if self.router is None:  # router off, in a bundle without the edit embeddings: no nearest edit known
             n = len(prompts)
             return emb, torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long), torch.ones(n)
         mask, nearest, conf = self.router.route(emb, prompts)
@@ -482,12 +484,20 @@ def calibration_set(cfg: MegConfig, pool: list, bank=None):
     )
 
 
+ROUTE_ALL = -2.0  # a cosine threshold below every cosine: the router "off" routes every question
+
+
 def fit_router(cfg: MegConfig, encoder, edits: "list[EditRequest]", pseudo):
-    """(router, calibration) fitted on the edit prompts, threshold chosen on the pseudo-edits; (None, None) when off."""
+    """(router, calibration) fitted on the edit prompts, threshold chosen on the pseudo-edits.
+
+    Router "off": a nearest-edit router that routes every question (threshold below every cosine, no
+    calibration, no subject gate), so each question still gets its nearest edit's weights with ``lookup``.
+    """
     from meg.router import RouterConfig, build_router
 
     if cfg.router == "off":
-        return None, None
+        rcfg = RouterConfig(kind="nearest", threshold=ROUTE_ALL, device=cfg.device)
+        return build_router(rcfg, encoder.encode, [e.prompt for e in edits])[0], None
     rcfg = RouterConfig(kind=cfg.router, device=cfg.device, **cfg.router_options)
     return build_router(rcfg, encoder.encode, [e.prompt for e in edits], pseudo, [e.subject for e in edits])
 

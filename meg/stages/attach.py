@@ -29,7 +29,8 @@ def run(view: dict, prepare_dir: Path, fit_dir: Path, encoder_dir: Path, router_
     meta, tensors = fit_stage.weights_for(fit_dir, edits)
     loaded = load_base(view)
     encoder = QueryEncoder.load(Path(encoder_dir) / "encoder", device=cfg.device)
-    router = load_router(Path(router_dir) / "router", device=cfg.device) if cfg.router != "off" else None
+    saved = Path(router_dir) / "router"
+    router = load_router(saved, device=cfg.device) if not (saved / "absent.json").exists() else None
     generator = WeightGenerator.load(Path(generator_dir) / "generator", device=cfg.device) \
         if cfg.weights == "generator" else None
     calibration = read_json(Path(router_dir) / "calibration.json")

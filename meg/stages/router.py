@@ -2,9 +2,9 @@
 
 Chains ``meg.editor.calibration_set`` and ``meg.editor.fit_router``. The threshold is calibrated on
 pseudo-edits of the same count as the edits (never on evaluation paraphrases or locality prompts),
-so it is recalibrated whenever the edit set changes. Output: ``router/`` (absent when
-``router.kind`` is ``off``) and ``calibration.json`` (the chosen threshold, recall and rejection on
-the pseudo-edits, and the router's confusion there).
+so it is recalibrated whenever the edit set changes. Output: ``router/`` (with ``router.kind`` ``off``,
+a router that sends every question to its nearest edit, uncalibrated) and ``calibration.json`` (the
+chosen threshold, recall and rejection on the pseudo-edits, and the router's confusion there).
 """
 
 from __future__ import annotations

@@ -130,6 +130,26 @@ def test_edit_prompts_get_their_fitted_weights(built, tmp_path):
                            model.w0, model.cfg, cond_encoder=model.cond_encoder, edit_cond=model.edit_cond)
 
 
+def test_router_off_sends_every_prompt_to_its_nearest_edit(built, tmp_path):
+    """The ablation "router off": no threshold, so unrelated prompts get an edit's weights too, but each prompt
+    still gets its nearest edit's (with lookup, an edit prompt its own fitted weights), also after save/load."""
+    model, edits = built
+    cfg = editor.with_overrides(model.cfg, {"router": "off", "weights": "lookup"})
+    router, calibration = editor.fit_router(cfg, model.encoder, edits, None)
+    assert calibration is None
+    off = editor.EditedModel(model.loaded, model.layer, model.act, model.encoder, router, None, model.w0, cfg,
+                             lookup=model.lookup, info=model.info)
+    prompts = [e.prompt for e in edits]
+    far = ["zzzz qqqq", "1 2 3 4 5 6"]
+    _, mask, nearest, _ = off.route(prompts + far)
+    assert mask.all() and nearest[: len(edits)].tolist() == list(range(len(edits)))
+    w, routed = off._weights_for(prompts + far)
+    assert routed.all() and torch.equal(w[: len(edits)], model.lookup)
+    assert all(any(torch.equal(w[i], row) for row in model.lookup) for i in range(len(edits), len(w)))
+    again = editor.EditedModel.load(off.save(tmp_path / "off"), loaded=model.loaded)
+    assert torch.equal(again._weights_for(prompts + far)[0], w)
+
+
 def test_generator_conditions_join_the_base_encoder(built, tmp_path):
     """generator_condition "tuned+base" (the default): the tuned and the base embedding side by side, kept in the bundle."""
     model, edits = built
