@@ -13,7 +13,7 @@ from pathlib import Path
 
 from meg import config
 from meg.stages import fit as fit_stage
-from meg.stages.common import StageResult, load_base, read_edits, read_json, write_json, write_metrics
+from meg.stages.common import StageResult, is_absent, load_base, read_edits, read_json, write_json, write_metrics
 
 
 def run(view: dict, prepare_dir: Path, fit_dir: Path, encoder_dir: Path, router_dir: Path, generator_dir: Path,
@@ -30,7 +30,7 @@ def run(view: dict, prepare_dir: Path, fit_dir: Path, encoder_dir: Path, router_
     loaded = load_base(view)
     encoder = QueryEncoder.load(Path(encoder_dir) / "encoder", device=cfg.device)
     saved = Path(router_dir) / "router"
-    router = load_router(saved, device=cfg.device) if not (saved / "absent.json").exists() else None
+    router = None if is_absent(saved) else load_router(saved, device=cfg.device)  # absent: an older "off" run
     generator = WeightGenerator.load(Path(generator_dir) / "generator", device=cfg.device) \
         if cfg.weights == "generator" else None
     calibration = read_json(Path(router_dir) / "calibration.json")

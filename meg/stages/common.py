@@ -42,10 +42,18 @@ def write_metrics(out_dir: Path, metrics: dict[str, float]) -> Path:
     return write_json(Path(out_dir) / "metrics.json", {k: round(float(v), 6) for k, v in metrics.items()})
 
 
+ABSENT = "absent.json"  # the marker of a placeholder directory
+
+
 def write_absent(path: Path, why: str) -> Path:
     """A placeholder directory for a part the settings turn off (a DVC output must exist)."""
     path.mkdir(parents=True, exist_ok=True)
-    return write_json(path / "absent.json", {"absent": why})
+    return write_json(path / ABSENT, {"absent": why})
+
+
+def is_absent(path: Path) -> bool:
+    """Whether ``path`` is a placeholder written by ``write_absent``."""
+    return (path / ABSENT).exists()
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

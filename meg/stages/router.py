@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from meg import config
-from meg.stages.common import StageResult, read_edits, write_absent, write_json, write_metrics
+from meg.stages.common import StageResult, read_edits, write_json, write_metrics
 
 
 def run(view: dict, prepare_dir: Path, encoder_dir: Path, out_dir: Path, progress: bool = True) -> StageResult:
@@ -29,10 +29,7 @@ def run(view: dict, prepare_dir: Path, encoder_dir: Path, out_dir: Path, progres
     router, calibration = fit_router(cfg, encoder, edits, calibration_set(cfg, pool))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if router is not None:
-        router.save(out / "router")
-    else:
-        write_absent(out / "router", f"router.kind is {cfg.router!r}")
+    router.save(out / "router")  # with router.kind "off" too: it sends every question to its nearest edit
     calib = asdict(calibration) if calibration else {"router": cfg.router, "threshold": None}
     seconds = time.time() - t0
     write_json(out / "calibration.json", {"kind": cfg.router, "n_edits": len(edits), **calib, "seconds": seconds})

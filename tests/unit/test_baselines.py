@@ -419,5 +419,5 @@ def test_every_registry_entry_names_a_known_model_and_builds_its_config():
     for (method, name), overrides in registry.HPARAMS.items():
         assert name in lm.SOURCES or name in families, (method, name)
         cfg = registry.CONFIGS[method](**overrides)  # a bad value raises ConfigError
-        for key, value in overrides.items():
+        for key in overrides:
             assert key in cfg.__dataclass_fields__, (method, name, key)
