@@ -18,7 +18,8 @@ e.g. ``fit.layer=28``, ``router=familiarity``, ``router_options.subject_gate=tru
 changes on top. ``--work-dir`` keeps fitted weights and generator checkpoints between runs, so
 variants that share them (and reruns) do not recompute them. ``--fit-shard I/N`` only fits shard I of N
 and stops, so N processes fit a large edit set on N cores before the evaluating run: MeG's neurons
-into the work dir, MEMIT's and AlphaEdit's target residuals z into their store under $MEG_HOME:
+into the work dir, MEMIT's and AlphaEdit's target residuals z and GRACE's values (shard I of its
+codebook's entries) into their stores under $MEG_HOME:
 
     for i in 0 1; do python -m bench.quality --dataset counterfact --n-edits 10000 --methods meg \
         --work-dir W --threads 1 --fit-shard $i/2 & done; wait
@@ -41,7 +42,7 @@ from meg.editors import EDITORS, make_editor
 from meg.errors import ConfigError
 from meg.report import write_report
 
-SHARDED = ("meg", "memit", "alphaedit")  # the methods --fit-shard fits
+SHARDED = ("meg", "memit", "alphaedit", "grace")  # the methods --fit-shard fits
 
 
 def _value(text: str):
@@ -140,8 +141,9 @@ def editor_factory(args: argparse.Namespace):
 
 def fit_shard(args: argparse.Namespace, shard: tuple[int, int], loaded, edits: list) -> int:
     """Fit the edits of shard (i, n) (by content key, as ``meg fit --shard``), exactly as the evaluating run
-    would fit them: with the meg method's settings into the work dir's fit store, and the z of MEMIT and
-    AlphaEdit (registry settings) into their store."""
+    would fit them: with the meg method's settings into the work dir's fit store, the z of MEMIT and
+    AlphaEdit (registry settings) into their store, and GRACE's values of entry shard (i, n) of the
+    codebook of all the edits (its entries depend on every edit) into its store."""
     from meg.stages.fit import shard_of
 
     i, n = shard
@@ -156,6 +158,8 @@ def fit_shard(args: argparse.Namespace, shard: tuple[int, int], loaded, edits: l
             cfg = with_overrides(MegConfig(), args.meg_settings)
             bank = template_bank(cfg, pseudo_pool(edits), edits)
             report = fit.fit_edits(loaded, mine, cfg.fit, store_dir=args.work_dir / "fit", bank=bank).report()
+        elif method == "grace":
+            report = f"{make_editor(method).store_values(loaded, edits, shard)} values of shard {i}/{n} stored"
         else:
             report = f"{make_editor(method).store_targets(loaded, mine)} z stored"
         print(f"bench.quality: {method}: shard {i}/{n} fitted in {time.time() - t0:.0f} s: {report}", flush=True)

@@ -22,8 +22,9 @@ done, and rows already there are skipped, so an interrupted sweep resumes. ``--e
 all ``--n-edits`` in one batch and asks the questions of the first M only: a setting whose effect
 grows with the edit count (MEMIT's lambda, AlphaEdit's l2) is chosen at the size it will edit, for a
 fraction of the evaluation. ``--fit-shard I/N`` only optimises and stores MEMIT's / AlphaEdit's z of
-shard I of the pseudo-edits (every z setting of the grid), so N processes do the costly part on N
-cores before the sweep finds every z in the store:
+shard I of the pseudo-edits (every z setting of the grid), or GRACE's values of shard I of each
+setting's codebook entries, so N processes do the costly part on N cores before the sweep finds it
+all in the store:
 
     for i in 0 1; do python -m bench.tune_baselines sweep --method memit --grid GRID --n-edits 1000 \
         --out OUT.json --fit-shard $i/2 & done; wait
@@ -181,11 +182,15 @@ def _editor(method: str, loaded, overrides: dict):
 
 def store_shard(loaded, method: str, grid: list[dict], n_edits: int, shard: tuple[int, int]) -> int:
     """Optimise and store MEMIT's or AlphaEdit's z of shard (i, n) of the pseudo-edits for every
-    configuration of ``grid`` (configurations with the same z settings share them); returns how many z
-    the shard holds."""
+    configuration of ``grid`` (configurations with the same z settings share them), or GRACE's values of
+    shard (i, n) of each configuration's codebook entries; returns the fewest the shard holds."""
     from meg.stages.fit import shard_of
 
     i, n = shard
+    if method == "grace":
+        edits = pseudo_edits(n_edits)
+        print(f"tune_baselines: grace: values of entry shard {i}/{n}, {n_edits} pseudo-edits", flush=True)
+        return min(_editor(method, loaded, o).store_values(loaded, edits, shard) for o in grid or [{}])
     mine = [e for e in pseudo_edits(n_edits) if shard_of(e.content_key, n) == i]
     print(f"tune_baselines: {method}: z of shard {i}/{n}: {len(mine)} of {n_edits} pseudo-edits", flush=True)
     return min(_editor(method, loaded, o).store_targets(loaded, mine) for o in grid or [{}])
@@ -239,8 +244,6 @@ def _sweep_arguments(args: argparse.Namespace) -> tuple[list[dict], tuple[int, i
     except json.JSONDecodeError as e:
         raise ConfigError(f"--grid is not JSON: {e}") from e
     shard = parse_shard(args.fit_shard) if args.fit_shard is not None else None
-    if shard is not None and args.method == "grace":
-        raise ConfigError("--fit-shard stores MEMIT's and AlphaEdit's z; GRACE has none")
     if args.eval_edits is not None and not 1 <= args.eval_edits <= args.n_edits:
         raise ConfigError(f"--eval-edits must be in 1..{args.n_edits} (--n-edits), got {args.eval_edits}")
     return grid, shard
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--eval-edits", type=int, default=None, metavar="M",
                    help="apply all --n-edits, ask the questions of the first M only")
     s.add_argument("--fit-shard", default=None, metavar="I/N",
-                   help="only optimise and store MEMIT's / AlphaEdit's z of shard I of N, then stop")
+                   help="only store MEMIT's / AlphaEdit's z or GRACE's values of shard I of N, then stop")
     for q in (t, k, s):
         q.add_argument("--model", default=lm.DEFAULT_MODEL)
         q.add_argument("--out", type=Path, required=True)
@@ -317,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # more pseudo-edits than the pool holds is found once the pool is read
         if shard is not None:
             stored = store_shard(loaded, args.method, grid, args.n_edits, shard)
-            print(f"tune_baselines: shard {args.fit_shard}: {stored} z in the store", flush=True)
+            what = "values" if args.method == "grace" else "z"
+            print(f"tune_baselines: shard {args.fit_shard}: {stored} {what} in the store", flush=True)
         else:
             sweep(loaded, args.method, grid, args.n_edits, args.out, args.eval_edits)
     except ConfigError as e:

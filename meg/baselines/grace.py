@@ -22,7 +22,9 @@ of its prompts reproduces its target greedily or ``steps`` is reached.
 
 Every position is checked against the codebook (in generation, that is the newest token at each
 step, which is GRACE's check of the last token), so teacher-forced scoring and generation agree.
-Trained values are stored per run (model, edits, settings) so an interrupted run resumes.
+Trained values are stored per run (model, edits, settings) so an interrupted run resumes. Entries
+train independently, so N processes can each train and store shard I of N of them (``store_values``;
+the codebook is built from every edit in each) before the run that edits finds every value stored.
 """
 
 from __future__ import annotations
@@ -199,8 +201,11 @@ def _module_fn(model: nn.Module, layer: int, module: str) -> nn.Module:
 
 
 def _train_values(loaded, edits, book: Book, layer: int, cfg: GraceConfig, values: torch.Tensor,
-                  store: fit.WeightStore | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train each entry's value on its edits' prompts; returns values (C, Dv) and success (C,)."""
+                  store: fit.WeightStore | None, shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train each entry's value on its edits' prompts; returns values (C, Dv) and success (C,).
+
+    With ``shard`` (i, n), only the entries j with j % n == i that the store lacks are trained.
+    """
     model, tok = loaded.model, loaded.tokenizer
     members: dict[int, list[int]] = {}
     for i, j in enumerate(book.entry_of_edit):
@@ -209,7 +214,7 @@ def _train_values(loaded, edits, book: Book, layer: int, cfg: GraceConfig, value
     success = torch.zeros(len(book.labels), dtype=torch.bool)
     for j, found in ((int(k.split("-")[1]), v) for k, v in known.items()):
         values[j], success[j] = found["value"], found["success"]
-    todo = [j for j in range(len(book.labels)) if f"entry-{j}" not in known]
+    todo = [j for j in range(len(book.labels)) if f"entry-{j}" not in known and j % shard[1] == shard[0]]
     bar = tqdm(total=len(todo), desc=f"grace values L{layer}", unit="entry", disable=not cfg.progress)
     parent, name = _parent(model, layer, cfg.module)
     for s in range(0, len(todo), cfg.chunk_size):
@@ -274,14 +279,13 @@ class Grace(Editor):
 
         return self.cfg if self.cfg is not None else config_for(self.name, loaded)
 
-    def apply(self, loaded: lm.LoadedModel, edits: "list[EditRequest]") -> EditedLM:
-        t0 = time.time()
+    def _prepare(self, loaded: lm.LoadedModel, edits: "list[EditRequest]"):
+        """The settings, layer, codebook, initial values and value store of editing with ``edits``."""
         cfg = self.config_for(loaded)
-        model, tok = loaded.model, loaded.tokenizer
+        model = loaded.model
         layer = cfg.layer if cfg.layer is not None else loaded.default_layer
         if not 0 <= layer < lm.num_layers(model):
             raise ConfigError(f"grace: bad value for 'layer': {layer} (the model has {lm.num_layers(model)} layers)")
-        edits = list(edits)
         kind = "ffn_in" if cfg.module == "ffn" else "key"
         keys = _last_token_acts(loaded, edits, kind, layer, cfg.progress)  # (N, Dk)
         book = build_codebook(keys, [e.target_new.strip() for e in edits], cfg.eps_init, cfg.expand)
@@ -297,6 +301,24 @@ class Grace(Editor):
         if cfg.cache:
             store = fit.WeightStore(lm.meg_home() / "baselines" / "grace"
                                     / cfg.key(loaded.content_hash, layer, [e.content_key for e in edits]))
+        return cfg, layer, book, values, store
+
+    def store_values(self, loaded: lm.LoadedModel, edits: "list[EditRequest]", shard: tuple[int, int]) -> int:
+        """Train and store the values of shard (i, n) of the codebook's entries (entry j when j % n == i)
+        exactly as ``apply`` with all of ``edits`` would, without editing; returns how many of the
+        shard's entries are stored. N processes with shards 0..N-1 fill the store on N cores."""
+        edits = list(edits)
+        cfg, layer, book, values, store = self._prepare(loaded, edits)
+        if store is None:
+            raise ConfigError("grace: storing values needs 'cache' on (the store is where they go)")
+        _train_values(loaded, edits, book, layer, cfg, values, store, shard)
+        return sum(1 for key in store.load() if int(key.split("-")[1]) % shard[1] == shard[0])
+
+    def apply(self, loaded: lm.LoadedModel, edits: "list[EditRequest]") -> EditedLM:
+        t0 = time.time()
+        edits = list(edits)
+        model = loaded.model
+        cfg, layer, book, values, store = self._prepare(loaded, edits)
         values, ok = _train_values(loaded, edits, book, layer, cfg, values, store)
         ctx = attached_codebook(model, layer, cfg.module, book.keys.to(model.device), values.to(model.device),
                                 book.eps.to(model.device))

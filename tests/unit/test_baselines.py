@@ -385,6 +385,36 @@ def test_grace_leaves_unrelated_prompts_alone(tiny_models, home):
         edited.close()
 
 
+def test_grace_value_shards_store_what_one_run_would_train(tiny_models, home, monkeypatch):
+    from meg.baselines import grace
+    from meg.fit import WeightStore
+
+    loaded = tiny_models["llama"]
+    edits = _edits()
+    whole = _editor("grace", eps_init=0.5, cache=False).apply(loaded, edits)
+    try:
+        expected = grace._module_fn(loaded.model, 2, "ffn").values.clone()  # the attached codebook's
+    finally:
+        whole.close()
+    n_entries = expected.shape[0]
+    stored = [_editor("grace", eps_init=0.5).store_values(loaded, edits, (i, 2)) for i in range(2)]
+    assert stored == [len(range(i, n_entries, 2)) for i in range(2)]  # entries 0, 2, .. and 1, 3, ..
+    (store,) = {p.parent for p in (home / "baselines" / "grace").glob("*/part-*.safetensors")}
+    assert sorted(WeightStore(store).load()) == sorted(f"entry-{j}" for j in range(n_entries))
+
+    def no_training(*a, **kw):
+        raise AssertionError("a stored value was trained again")
+
+    monkeypatch.setattr(grace, "_fit_chunk", no_training)
+    edited = _editor("grace", eps_init=0.5).apply(loaded, edits)  # finds every value in the store
+    try:
+        assert torch.allclose(grace._module_fn(loaded.model, 2, "ffn").values, expected, atol=1e-4)
+    finally:
+        edited.close()
+    with pytest.raises(ConfigError, match="'cache'"):
+        _editor("grace", cache=False).store_values(loaded, edits, (0, 2))
+
+
 def test_bad_configs_name_the_field():
     with pytest.raises(ConfigError, match="'layers'"):
         MEMITConfig(layers=(3, 2))

@@ -49,3 +49,20 @@ def test_memit_shards_store_every_z_once(tmp_path, tiny_models, tokenizer, monke
     with pytest.raises(SystemExit):
         main(common + ["--methods", "none,ft", "--fit-shard", "0/2"])
     assert "none is in --methods" in capsys.readouterr().err
+
+
+def test_grace_shards_store_every_value_once(tmp_path, tiny_models, tokenizer, monkeypatch):
+    from bench.quality import main
+    from meg.fit import WeightStore
+
+    monkeypatch.setenv("MEG_HOME", str(tmp_path / "home"))  # after the tokenizer is loaded from the real cache
+    model_dir = tmp_path / "tiny"
+    tiny_models["llama"].model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    common = ["--dataset", "counterfact", "--n-edits", "5", "--model", str(model_dir), "--methods", "grace"]
+    for i in range(2):
+        assert main(common + ["--fit-shard", f"{i}/2"]) == 0
+    stores = {p.parent for p in (tmp_path / "home" / "baselines" / "grace").glob("*/part-*.safetensors")}
+    assert len(stores) == 1  # both shards built the same codebook from all five edits
+    entries = sorted(int(k.split("-")[1]) for k in WeightStore(stores.pop()).load())
+    assert entries == list(range(len(entries))) and len(entries) >= 2  # every entry once, from both shards

@@ -48,6 +48,26 @@ def test_shards_store_the_z_the_sweep_then_uses_and_it_asks_the_first_edits_only
     assert [r["n_evaluated"] for r in json.loads(out.read_text())["rows"]] == [2, 2, 1]
 
 
+def test_grace_shards_store_the_values_the_sweep_then_uses(tiny_dir, tmp_path, monkeypatch):
+    from bench import tune_baselines
+    from meg.baselines import grace
+
+    out = tmp_path / "sweep.json"
+    grid = json.dumps([{"layer": 2, "eps_init": 0.5, "steps": 3, "progress": False}])
+    common = ["sweep", "--method", "grace", "--model", str(tiny_dir), "--n-edits", "4", "--out", str(out), "--grid", grid]
+    for i in range(2):
+        assert tune_baselines.main(common + ["--fit-shard", f"{i}/2"]) == 0
+    assert not out.exists()  # a shard only stores values
+
+    def no_training(*a, **kw):
+        raise AssertionError("a stored value was trained again")
+
+    monkeypatch.setattr(grace, "_fit_chunk", no_training)
+    assert tune_baselines.main(common + ["--eval-edits", "2"]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["n_edits"] == 4 and row["extra"]["entries"] >= 2
+
+
 def test_bad_sweep_arguments_are_refused_clearly(tiny_dir, tmp_path, capsys):
     from bench import tune_baselines
 
@@ -55,8 +75,6 @@ def test_bad_sweep_arguments_are_refused_clearly(tiny_dir, tmp_path, capsys):
     common = ["sweep", "--model", str(tiny_dir), "--out", str(out), "--grid", json.dumps(GRID)]
     assert tune_baselines.main(common + ["--method", "memit", "--n-edits", "4", "--eval-edits", "5"]) == 2
     assert "--eval-edits must be in 1..4" in capsys.readouterr().err
-    assert tune_baselines.main(common + ["--method", "grace", "--n-edits", "4", "--fit-shard", "0/2"]) == 2
-    assert "GRACE has none" in capsys.readouterr().err
     assert tune_baselines.main(common + ["--method", "memit", "--n-edits", "1001"]) == 2
     assert "the held-out train records are 1000" in capsys.readouterr().err
     assert tune_baselines.main(common + ["--method", "memit", "--fit-shard", "2/2"]) == 2
