@@ -75,11 +75,22 @@ def _known(loaded, pool, n: int) -> list[tuple]:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def embedding_std(model, n_tokens: int = 8192, seed: int = 0) -> float:
+    """The std of what the input embedding module outputs, over a fixed sample of token ids: the scale the
+    corruption noise is measured in. Not the weight's std: some families scale in the module (Gemma
+    multiplies by sqrt(hidden size), 25.3 for Gemma-3-270m), and the noise is added to its output."""
+    emb = model.get_input_embeddings()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, emb.weight.shape[0], (1, n_tokens), generator=g)
+    return float(emb(ids.to(emb.weight.device)).float().std())
+
+
 def causal_trace(loaded, n_facts: int = 32, window: int = 5, samples: int = 3, seed: int = 0) -> dict:
     tok, model = loaded.tokenizer, loaded.model
     known = _known(loaded, pseudo_edits(1000), n_facts)
     emb = model.get_input_embeddings()
-    noise = 3 * float(emb.weight.std())
+    noise = 3 * embedding_std(model)
     n_layers = lm.num_layers(model)
     layers = lm.decoder_layers(model)
     effects = torch.zeros(n_layers)

@@ -80,3 +80,14 @@ def test_bad_sweep_arguments_are_refused_clearly(tiny_dir, tmp_path, capsys):
     assert tune_baselines.main(common + ["--method", "memit", "--fit-shard", "2/2"]) == 2
     assert "bad shard" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_trace_noise_is_measured_on_what_the_embedding_module_outputs(tiny_models):
+    from bench.tune_baselines import embedding_std
+
+    for family in ("llama", "gemma3"):
+        model = tiny_models[family].model
+        emb = model.get_input_embeddings()
+        scale = float(getattr(emb, "embed_scale", 1.0))  # Gemma scales inside the module
+        assert (family == "gemma3") == (scale > 1.0)
+        assert embedding_std(model) == pytest.approx(float(emb.weight.std()) * scale, rel=0.05)
