@@ -19,8 +19,11 @@ from meg.errors import ConfigError
 
 CONFIGS: dict[str, type] = {"memit": MEMITConfig, "alphaedit": AlphaEditConfig, "grace": GraceConfig}
 
-# MEMIT's and AlphaEdit's target residuals z on SmolLM2-135M (docs/baselines.md, "MEMIT: z")
+# MEMIT's and AlphaEdit's target residuals z, chosen on SmolLM2-135M (docs/baselines.md, "MEMIT: z");
+# Gemma-3-270m uses them too (not re-chosen there: its z cost about twice SmolLM2's)
 SMOLLM2_Z = {"clamp_norm_factor": 4.0, "n_prefixes": 2}
+# layers 1-5: Gemma-3-270m's band of high FFN indirect effect (0.028-0.035; 0.009 at 6, then ~0)
+GEMMA3_LAYERS = (1, 2, 3, 4, 5)
 
 # (method, model id or family) -> overrides of the method's config
 HPARAMS: dict[tuple[str, str], dict[str, Any]] = {
@@ -42,6 +45,9 @@ HPARAMS: dict[tuple[str, str], dict[str, Any]] = {
     # (AG reliability 31.2), at 11 98%; eps 3.0, 0.7x the median locality distance there (SmolLM2's ratio):
     # AG locality 95.3 (eps 3.5 at layer 8: 90.6); no radius reaches a paraphrase (generality 0)
     ("grace", "gemma3-270m"): {"layer": 11, "eps_init": 3.0},
+    # lambda and the null-space threshold: the papers' (15000; l2 10, 2e-2) until chosen on Gemma's pseudo-edits
+    ("memit", "gemma3-270m"): {"layers": GEMMA3_LAYERS, "target": SMOLLM2_Z},
+    ("alphaedit", "gemma3-270m"): {"layers": GEMMA3_LAYERS, "target": SMOLLM2_Z},
 }
 
 
