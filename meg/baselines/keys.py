@@ -63,3 +63,9 @@ def edit_keys(loaded: lm.LoadedModel, edits: "list[EditRequest]", layer: int, pr
 def edit_hidden(loaded: lm.LoadedModel, edits: "list[EditRequest]", layer: int, progress: bool = True) -> torch.Tensor:
     """(N, D) residual leaving block ``layer`` at each bare prompt's lookup position."""
     return _at_lookup(loaded, *_rows(loaded.tokenizer, edits, ""), "hidden", layer, f"h at L{layer}", progress)
+
+
+def edit_ffn_out(loaded: lm.LoadedModel, edits: "list[EditRequest]", layer: int, progress: bool = True) -> torch.Tensor:
+    """(N, D) output of the FFN output projection of ``layer`` (before any post-FFN norm) at each
+    bare prompt's lookup position."""
+    return _at_lookup(loaded, *_rows(loaded.tokenizer, edits, ""), "ffn_out", layer, f"ffn out L{layer}", progress)

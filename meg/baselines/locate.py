@@ -91,7 +91,8 @@ def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     """Activations of one forward pass, which stops after the deepest layer wanted.
 
     ``wanted`` holds (kind, layer) pairs: "key" = input of the FFN output projection (B, T, I),
-    "ffn_in" = input of the FFN (B, T, D), "hidden" = output of the decoder block (B, T, D).
+    "ffn_out" = its output (B, T, D), before any post-FFN norm, "ffn_in" = input of the FFN
+    (B, T, D), "hidden" = output of the decoder block (B, T, D).
     """
     layers = lm.decoder_layers(model)
     got: dict[tuple[str, int], torch.Tensor] = {}
@@ -115,6 +116,8 @@ def capture(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
         for kind, layer in wanted:
             if kind == "key":
                 h = lm.ffn_out_proj(model, layer).register_forward_pre_hook(pre(kind, layer), with_kwargs=True)
+            elif kind == "ffn_out":
+                h = lm.ffn_out_proj(model, layer).register_forward_hook(post(kind, layer), with_kwargs=True)
             elif kind == "ffn_in":
                 h = lm.ffn_module(model, layer).register_forward_pre_hook(pre(kind, layer), with_kwargs=True)
             elif kind == "hidden":

@@ -15,6 +15,15 @@ AlphaEdit (``meg.baselines.alphaedit``) shares all of this but the solve. ``batc
 sequentially in batches (z and keys of a batch are read from the model edited by the batches
 before it); 0 edits all at once, as the evaluation protocol does.
 
+Models that normalise the FFN output before adding it to the residual (Gemma-3's post-feedforward
+RMSNorm: block output = h + g * m / rms(m), m = W_out k) break the linear picture: a change of m
+moves the residual by g / rms(m) times it, and by at most the norm's bounded output. With
+``post_norm_targets`` (default) Res is first mapped to the change of m whose normalised image is the
+target: m' = |m| v / |v| with v = (norm(m) + Res) / g (v = m / rms(m) where |g| is almost 0, a
+direction this layer cannot write), so norm(m') = norm(m) + Res whenever that lies on the norm's
+image, and points its way otherwise; Delta then solves for m' - m instead of Res. Families without
+such a norm are unaffected.
+
 Resuming: z are stored per edit (content key); each layer's Delta is stored per run (model, edits,
 settings), so an interrupted run re-applies the finished layers and goes on from there.
 """
@@ -51,6 +60,7 @@ class LeastSquaresConfig:
     target: TargetConfig = field(default_factory=TargetConfig)  # how z is optimised
     corpus: CorpusConfig = field(default_factory=CorpusConfig)  # where C0 comes from
     batch_size: int = 0  # edits per sequential batch; 0 = one batch
+    post_norm_targets: bool = True  # map residuals through a post-FFN norm first (Gemma-3; see above)
     cache: bool = True  # store z and per-layer updates under $MEG_HOME/baselines (resume, reuse)
     progress: bool = True
 
@@ -94,6 +104,25 @@ def default_layers(model: torch.nn.Module) -> tuple[int, ...]:
     n = lm.num_layers(model)
     first = max(1, round(0.13 * n))
     return tuple(range(first, max(first, round(0.3 * n)) + 1))
+
+
+def through_post_norm(model: torch.nn.Module, layer: int, m: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    """(N, D) change of the FFN output projection's output ``m`` (N, D) that moves the block output by
+    ``res`` (N, D) through the layer's post-FFN norm (see the module docstring); ``res`` if none."""
+    name = lm.arch_of(model).post_ffn_norm
+    if name is None:
+        return res
+    norm = getattr(lm.decoder_layers(model)[layer], name)
+    dt = next(norm.parameters()).dtype
+    with torch.no_grad():
+        gain = norm(torch.ones(1, m.shape[1], dtype=dt)).double()[0]  # (D,) the norm's per-unit scale
+        m = m.double()
+        o = norm(m.to(dt)).double()  # (N, D)
+        unit = m / m.pow(2).mean(1, keepdim=True).sqrt().clamp(min=1e-12)  # m / rms(m)
+        writable = gain.abs() > 1e-3 * gain.abs().median()
+        v = torch.where(writable, (o + res.double()) / gain.where(writable, torch.ones_like(gain)), unit)
+        target = v * (m.norm(dim=1, keepdim=True) / v.norm(dim=1, keepdim=True).clamp(min=1e-12))
+    return target - m
 
 
 def z_root() -> Path:
@@ -213,10 +242,13 @@ class LeastSquaresEditor(Editor):
                     t1 = time.time()
                     k = keys.edit_keys(loaded, batch, l, prefixes, cfg.progress).double()  # (N, I)
                     h = keys.edit_hidden(loaded, batch, last, cfg.progress)  # (N, D)
-                    t_keys += time.time() - t1
+                    res = (z - h).double() / (len(layers) - i)  # (N, D)
                     if h_start is None:
                         h_start = h
-                    res = (z - h).double() / (len(layers) - i)  # (N, D)
+                    if cfg.post_norm_targets and loaded.arch.post_ffn_norm:
+                        m = keys.edit_ffn_out(loaded, batch, l, cfg.progress)
+                        res = through_post_norm(loaded.model, l, m, res)
+                    t_keys += time.time() - t1
                     delta = self._solve(k, res, l, state, cfg).float()  # (D, I)
                     if path is not None:
                         _save(path, {"delta": delta})

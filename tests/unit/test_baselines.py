@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from meg import lm
-from meg.baselines import covariance, locate, targets
+from meg.baselines import covariance, locate, memit, targets
 from meg.baselines.alphaedit import AlphaEdit, AlphaEditConfig, null_space_projector
 from meg.baselines.corpus import CorpusConfig, corpus_rows
 from meg.baselines.grace import Grace, GraceConfig, build_codebook
@@ -329,6 +329,31 @@ def test_memit_update_fits_the_residuals_when_unconstrained():
     assert torch.allclose(k @ delta.T, res, atol=1e-6)  # Delta k_i = r_i for every edit
     stiff = MEMIT()._solve(k, res, 0, state, MEMITConfig(mom2_weight=1e6))
     assert stiff.norm() < 1e-3 * delta.norm()  # a large lambda keeps the layer where it was
+
+
+def test_residuals_are_mapped_through_a_post_ffn_norm(tokenizer):
+    gemma = lm.tiny_model("gemma3", tokenizer).model
+    norm = lm.decoder_layers(gemma)[1].post_feedforward_layernorm
+    torch.manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn_like(norm.weight) * 3)  # per-unit gains far from 1, some negative
+    d = norm.weight.numel()
+    m, wanted = torch.randn(3, d) * 0.1, torch.randn(3, d) * 5.0
+    res = (norm(wanted) - norm(m)).double()  # a change the norm's output can make
+    assert (res.norm(dim=1) > norm(m).norm(dim=1)).all()  # large beside the FFN's output, as in Gemma
+    dm = memit.through_post_norm(gemma, 1, m, res)
+    assert torch.allclose(norm((m + dm).float()) - norm(m), res.float(), atol=1e-2)  # |res| up to 18
+    assert torch.allclose((m + dm).norm(dim=1), m.norm(dim=1).double())  # the FFN output keeps its size
+    naive = norm((m + res).float()) - norm(m)  # Res written as is: overshoots and saturates
+    assert ((naive - res.float()).norm(dim=1) > 0.1 * res.norm(dim=1).float()).all()
+    with torch.no_grad():
+        norm.weight[0] = -1.0  # Gemma's gain is 1 + weight: unit 0 cannot be written at this layer
+    dm = memit.through_post_norm(gemma, 1, m, res)
+    got, want = norm((m + dm).float()) - norm(m), (norm(wanted) - norm(m)).detach()
+    assert torch.isfinite(dm).all()
+    assert (torch.cosine_similarity(got + norm(m), want + norm(m), dim=1) > 0.99).all()
+    plain = lm.tiny_model("llama", tokenizer).model
+    assert torch.equal(memit.through_post_norm(plain, 1, m, res), res)
 
 
 def test_alphaedit_update_leaves_preserved_keys_alone():
