@@ -19,9 +19,10 @@ Models that normalise the FFN output before adding it to the residual (Gemma-3's
 RMSNorm: block output = h + g * m / rms(m), m = W_out k) break the linear picture: a change of m
 moves the residual by g / rms(m) times it, and by at most the norm's bounded output. With
 ``post_norm_targets`` (default) Res is first mapped to the change of m whose normalised image is the
-target: m' = |m| v / |v| with v = (norm(m) + Res) / g (v = m / rms(m) where |g| is almost 0, a
-direction this layer cannot write), so norm(m') = norm(m) + Res whenever that lies on the norm's
-image, and points its way otherwise; Delta then solves for m' - m instead of Res. Families without
+point of the norm's image {o : rms(o / g) = 1} nearest to norm(m) + Res: m' = |m| v / |v| with v =
+that point / g (v = m / rms(m) where |g| is almost 0, a unit this layer cannot write). So norm(m') =
+norm(m) + Res whenever the norm can output it, and otherwise the layer closes as much of Res as it
+can (never less than none); Delta then solves for m' - m instead of Res. Families without
 such a norm are unaffected.
 
 Resuming: z are stored per edit (content key); each layer's Delta is stored per run (model, edits,
@@ -50,6 +51,9 @@ from meg.evaluate import EditedLM, Editor
 
 if TYPE_CHECKING:
     from meg.facts import EditRequest
+
+
+SOLVER = 2  # bumped when the layer updates of given settings change (the post-FFN norm mapping: 2)
 
 
 @dataclass
@@ -82,7 +86,8 @@ class LeastSquaresConfig:
         settings = asdict(self)
         settings.pop("progress")
         settings["target"].pop("chunk_size")
-        blob = json.dumps({"method": self.method, "model": model_hash, "edits": edit_keys, **settings},
+        blob = json.dumps({"method": self.method, "model": model_hash, "edits": edit_keys, "solver": SOLVER,
+                           **settings},
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -106,9 +111,37 @@ def default_layers(model: torch.nn.Module) -> tuple[int, ...]:
     return tuple(range(first, max(first, round(0.3 * n)) + 1))
 
 
+def _closest_on_image(t: torch.Tensor, gain: torch.Tensor, writable: torch.Tensor, iters: int = 100) -> torch.Tensor:
+    """(N, D) point of the norm's image {o : rms(o / gain) = 1} nearest to each row of ``t``, as o / gain.
+
+    Lagrange: o_j = t_j g_j^2 / (g_j^2 + mu), with mu found by bisection per row so the constraint
+    holds (mu = 0 when t is on the image); units that cannot be written are left at 0 here.
+    """
+    g2 = gain.pow(2).where(writable, torch.zeros_like(gain))
+    tg = (t * gain).where(writable, torch.zeros_like(t))  # (N, D)
+    d = gain.numel()
+
+    def excess(mu: torch.Tensor) -> torch.Tensor:  # sum (o_j / g_j)^2 - D, decreasing in mu
+        return (tg / (g2 + mu[:, None]).where(writable, torch.ones_like(g2))).pow(2).sum(1) - d
+
+    n = t.shape[0]
+    floor = -float(g2[writable].min())
+    lo = torch.full((n,), floor * (1 - 1e-9), dtype=t.dtype)
+    hi = torch.ones(n, dtype=t.dtype)
+    while bool((excess(hi) > 0).any()):  # widen until every row's root is bracketed
+        hi = torch.where(excess(hi) > 0, hi * 4, hi)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        above = excess(mid) > 0
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    mu = (lo + hi) / 2
+    return tg / (g2 + mu[:, None]).where(writable, torch.ones_like(g2))
+
+
 def through_post_norm(model: torch.nn.Module, layer: int, m: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
     """(N, D) change of the FFN output projection's output ``m`` (N, D) that moves the block output by
-    ``res`` (N, D) through the layer's post-FFN norm (see the module docstring); ``res`` if none."""
+    ``res`` (N, D) through the layer's post-FFN norm, or as near as the norm's image allows (see the
+    module docstring); ``res`` itself if the layer has no such norm."""
     name = lm.arch_of(model).post_ffn_norm
     if name is None:
         return res
@@ -120,7 +153,7 @@ def through_post_norm(model: torch.nn.Module, layer: int, m: torch.Tensor, res: 
         o = norm(m.to(dt)).double()  # (N, D)
         unit = m / m.pow(2).mean(1, keepdim=True).sqrt().clamp(min=1e-12)  # m / rms(m)
         writable = gain.abs() > 1e-3 * gain.abs().median()
-        v = torch.where(writable, (o + res.double()) / gain.where(writable, torch.ones_like(gain)), unit)
+        v = torch.where(writable, _closest_on_image(o + res.double(), gain, writable), unit)
         target = v * (m.norm(dim=1, keepdim=True) / v.norm(dim=1, keepdim=True).clamp(min=1e-12))
     return target - m
 

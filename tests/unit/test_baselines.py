@@ -346,6 +346,13 @@ def test_residuals_are_mapped_through_a_post_ffn_norm(tokenizer):
     assert torch.allclose((m + dm).norm(dim=1), m.norm(dim=1).double())  # the FFN output keeps its size
     naive = norm((m + res).float()) - norm(m)  # Res written as is: overshoots and saturates
     assert ((naive - res.float()).norm(dim=1) > 0.1 * res.norm(dim=1).float()).all()
+    far = res * 20  # beyond what the norm can output: the layer closes what it can, never less than none
+    dm = memit.through_post_norm(gemma, 1, m, far)
+    goal = norm(m) + far.float()
+    left = (goal - norm((m + dm).float())).norm(dim=1)
+    radial = norm(goal / (1 + norm.weight.detach()))  # the norm's output pointing at the goal, scaled down
+    assert (left < far.norm(dim=1).float()).all()
+    assert (left < (goal - radial).norm(dim=1)).all()
     with torch.no_grad():
         norm.weight[0] = -1.0  # Gemma's gain is 1 + weight: unit 0 cannot be written at this layer
     dm = memit.through_post_norm(gemma, 1, m, res)
