@@ -52,9 +52,10 @@ HPARAMS: dict[tuple[str, str], dict[str, Any]] = {
     # lambda 5000 of {15, 150, 1500, 5000, 15000} on 32 pseudo-edits (Score 14.7, 14.7, 23.1, 41.1, 0.0), with
     # the post-FFN norm mapping; not yet re-chosen at 1,000 pseudo-edits, where SmolLM2's optimum moved
     ("memit", "gemma3-270m"): {"layers": GEMMA3_LAYERS, "mom2_weight": 5000.0, "target": GEMMA3_Z},
-    # the null-space threshold and l2: the paper's (2e-2, 10) until chosen on Gemma's pseudo-edits; Gemma's C0
-    # puts 222 (layer 1) to 1,829 (layer 5) of 2,048 directions below 2e-2
-    ("alphaedit", "gemma3-270m"): {"layers": GEMMA3_LAYERS, "target": GEMMA3_Z},
+    # on 32 pseudo-edits: null-space threshold 1e-2 of {5e-3, 1e-2, 2e-2} at l2 10 (Score 0.0, 27.0, 13.8), then
+    # l2 10 (the paper's) of {1, 10, 100} (22.6, 27.0, 0.0); not yet re-chosen at 1,000 pseudo-edits
+    ("alphaedit", "gemma3-270m"): {"layers": GEMMA3_LAYERS, "nullspace_threshold": 1e-2, "l2": 10.0,
+                                   "target": GEMMA3_Z},
 }
 
 
