@@ -50,7 +50,7 @@ HPARAMS: dict[tuple[str, str], dict[str, Any]] = {
     # AG locality 95.3 (eps 3.5 at layer 8: 90.6); no radius reaches a paraphrase (generality 0)
     ("grace", "gemma3-270m"): {"layer": 11, "eps_init": 3.0},
     # lambda 5000 of {15, 150, 1500, 5000, 15000} on 32 pseudo-edits (Score 14.7, 14.7, 23.1, 41.1, 0.0), with
-    # the post-FFN norm mapping; not yet re-chosen at 1,000 pseudo-edits, where SmolLM2's optimum moved
+    # the post-FFN norm mapping; at 1,000 pseudo-edits every lambda of {1500, 5000, 15000, 50000} scores 0.0
     ("memit", "gemma3-270m"): {"layers": GEMMA3_LAYERS, "mom2_weight": 5000.0, "target": GEMMA3_Z},
     # on 32 pseudo-edits: null-space threshold 1e-2 of {5e-3, 1e-2, 2e-2} at l2 10 (Score 0.0, 27.0, 13.8), then
     # l2 10 (the paper's) of {1, 10, 100} (22.6, 27.0, 0.0); not yet re-chosen at 1,000 pseudo-edits
