@@ -329,10 +329,9 @@ def ffn_delta_fn(model: nn.Module, layer: int):
     Gemma-3 normalises the FFN output first, so the residual is recovered and the norm re-applied.
     The modules are looked up now, so the function also works while lower layers are swapped out.
     """
-    norm_name = lm.arch_of(model).post_ffn_norm
-    if norm_name is None:
+    norm = lm.post_ffn_norm(model, layer)
+    if norm is None:
         return lambda ffn_out, layer_out, delta: layer_out + delta
-    norm = getattr(lm.decoder_layers(model)[layer], norm_name)
     dt = next(norm.parameters()).dtype
 
     def combine(ffn_out: torch.Tensor, layer_out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -102,6 +102,12 @@ def ffn_module(model: nn.Module, layer: int) -> nn.Module:
     return getattr(layers[layer], arch_of(model).ffn_name)
 
 
+def post_ffn_norm(model: nn.Module, layer: int) -> nn.Module | None:
+    """The norm ``layer`` applies to its FFN output before the residual add (Gemma-3), or None."""
+    name = arch_of(model).post_ffn_norm
+    return None if name is None else getattr(decoder_layers(model)[layer], name)
+
+
 def ffn_out_proj(model: nn.Module, layer: int) -> nn.Module:
     """The FFN's output projection of ``layer``: its input is the FFN's inner activation (the "key")."""
     return getattr(ffn_module(model, layer), arch_of(model).out_proj)

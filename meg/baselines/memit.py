@@ -121,31 +121,31 @@ def _closest_on_image(t: torch.Tensor, gain: torch.Tensor, writable: torch.Tenso
     tg = (t * gain).where(writable, torch.zeros_like(t))  # (N, D)
     d = gain.numel()
 
+    def o_over_g(mu: torch.Tensor) -> torch.Tensor:  # (N, D) for each row's mu
+        return tg / (g2 + mu[:, None]).where(writable, torch.ones_like(g2))
+
     def excess(mu: torch.Tensor) -> torch.Tensor:  # sum (o_j / g_j)^2 - D, decreasing in mu
-        return (tg / (g2 + mu[:, None]).where(writable, torch.ones_like(g2))).pow(2).sum(1) - d
+        return o_over_g(mu).pow(2).sum(1) - d
 
     n = t.shape[0]
-    floor = -float(g2[writable].min())
-    lo = torch.full((n,), floor * (1 - 1e-9), dtype=t.dtype)
+    lo = torch.full((n,), -float(g2[writable].min()) * (1 - 1e-9), dtype=t.dtype)
     hi = torch.ones(n, dtype=t.dtype)
-    while bool((excess(hi) > 0).any()):  # widen until every row's root is bracketed
-        hi = torch.where(excess(hi) > 0, hi * 4, hi)
+    while bool((short := excess(hi) > 0).any()):  # widen until every row's root is bracketed
+        hi = torch.where(short, hi * 4, hi)
     for _ in range(iters):
         mid = (lo + hi) / 2
         above = excess(mid) > 0
         lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-    mu = (lo + hi) / 2
-    return tg / (g2 + mu[:, None]).where(writable, torch.ones_like(g2))
+    return o_over_g((lo + hi) / 2)
 
 
 def through_post_norm(model: torch.nn.Module, layer: int, m: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
     """(N, D) change of the FFN output projection's output ``m`` (N, D) that moves the block output by
     ``res`` (N, D) through the layer's post-FFN norm, or as near as the norm's image allows (see the
     module docstring); ``res`` itself if the layer has no such norm."""
-    name = lm.arch_of(model).post_ffn_norm
-    if name is None:
+    norm = lm.post_ffn_norm(model, layer)
+    if norm is None:
         return res
-    norm = getattr(lm.decoder_layers(model)[layer], name)
     dt = next(norm.parameters()).dtype
     with torch.no_grad():
         gain = norm(torch.ones(1, m.shape[1], dtype=dt)).double()[0]  # (D,) the norm's per-unit scale
@@ -274,12 +274,14 @@ class LeastSquaresEditor(Editor):
                 else:
                     t1 = time.time()
                     k = keys.edit_keys(loaded, batch, l, prefixes, cfg.progress).double()  # (N, I)
-                    h = keys.edit_hidden(loaded, batch, last, cfg.progress)  # (N, D)
-                    res = (z - h).double() / (len(layers) - i)  # (N, D)
+                    if cfg.post_norm_targets and loaded.arch.post_ffn_norm:
+                        h, m = keys.edit_hidden_and_ffn_out(loaded, batch, last, l, cfg.progress)  # (N, D) each
+                    else:
+                        h, m = keys.edit_hidden(loaded, batch, last, cfg.progress), None
                     if h_start is None:
                         h_start = h
-                    if cfg.post_norm_targets and loaded.arch.post_ffn_norm:
-                        m = keys.edit_ffn_out(loaded, batch, l, cfg.progress)
+                    res = (z - h).double() / (len(layers) - i)  # (N, D)
+                    if m is not None:
                         res = through_post_norm(loaded.model, l, m, res)
                     t_keys += time.time() - t1
                     delta = self._solve(k, res, l, state, cfg).float()  # (D, I)
