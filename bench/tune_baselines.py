@@ -4,6 +4,7 @@
     python -m bench.tune_baselines keys --out OUT.json [--layers 6,12,18,24,28]
     python -m bench.tune_baselines sweep --method memit --grid '[{"mom2_weight": 1e4}, ...]' --out OUT.json
     python -m bench.tune_baselines sweep --method memit --grid GRID --n-edits 1000 --eval-edits 200 --out OUT.json
+    python -m bench.tune_baselines damage --method memit --n-edits 1000 --overrides '{"mom2_weight": 5e3}' --out OUT.json
     python -m bench.tune_baselines report OUT.json ...
 
 Pseudo-edits come from the last 1,000 records of the CounterFact *train* split, which the key
@@ -28,6 +29,13 @@ all in the store:
 
     for i in 0 1; do python -m bench.tune_baselines sweep --method memit --grid GRID --n-edits 1000 \
         --out OUT.json --fit-shard $i/2 & done; wait
+
+``damage`` applies MEMIT's or AlphaEdit's update of ``--n-edits`` pseudo-edits, then puts each edited
+layer's share of it on the unedited model alone, and all of them together, and measures what that does to
+the next token after the pseudo-edits' locality prompts: the mean KL divergence from the unedited
+model, how often its top token stays, and the median relative change of that layer's FFN output over
+the prompts' tokens. It says which layer breaks locality, and whether the layers' harm adds up or
+compounds.
 """
 
 from __future__ import annotations
@@ -260,6 +268,67 @@ def _sweep_arguments(args: argparse.Namespace) -> tuple[list[dict], tuple[int, i
     return grid, shard
 
 
+def layer_damage(loaded, method: str, overrides: dict, n_edits: int, n_probes: int = 200) -> dict:
+    """Per edited layer alone, and all together: the locality harm of a least-squares editor's update
+    (see the module docstring)."""
+    if method not in ("memit", "alphaedit"):
+        raise ConfigError(f"damage: method {method!r} has no per-layer update; use memit or alphaedit")
+    tok, model = loaded.tokenizer, loaded.model
+    edits = pseudo_edits(n_edits)
+    texts = [p.prompt for e in edits for p in e.locality][:n_probes]
+    if not texts:
+        raise ConfigError(f"damage: the first {n_edits} pseudo-edits have no locality prompts")
+    editor = _editor(method, loaded, overrides)
+    layers = list(editor.config_for(loaded).layers)
+    weights = {l: lm.out_proj_weight(model, l) for l in layers}
+    original = {l: w.detach().clone() for l, w in weights.items()}
+    edited = editor.apply(loaded, edits)
+    delta = {l: weights[l].detach() - original[l] for l in layers}
+    edited.close()
+    outs: dict[int, list] = {}
+    hooks = [lm.ffn_out_proj(model, l).register_forward_hook(
+        lambda mod, a, o, l=l: outs.setdefault(l, []).append(o.detach().float())) for l in layers]
+
+    @torch.no_grad()
+    def run() -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        outs.clear()
+        logp = []
+        for s in range(0, len(texts), 16):
+            b = tok(texts[s : s + 16], return_tensors="pt", padding=True).to(model.device)
+            logits = model(**b).logits.float().cpu()
+            last = b.attention_mask.cpu().cumsum(1).argmax(1)  # the last real token, either padding side
+            logp.append(torch.log_softmax(logits[torch.arange(len(last)), last], -1))
+            keep = b.attention_mask.bool()
+            for l in layers:
+                outs[l][-1] = outs[l][-1][keep].cpu()
+        return torch.cat(logp), {l: torch.cat(v) for l, v in outs.items()}
+
+    try:
+        base, base_out = run()
+        rows = []
+        for which in [[l] for l in layers] + [layers]:
+            with torch.no_grad():
+                for l in layers:
+                    weights[l].copy_(original[l] + delta[l] if l in which else original[l])
+            logp, out = run()
+            row = {"layers": which, "kl": float((base.exp() * (base - logp)).sum(-1).mean()),
+                   "top1_kept": 100.0 * float((base.argmax(-1) == logp.argmax(-1)).float().mean())}
+            if len(which) == 1:
+                l = which[0]
+                change = (out[l] - base_out[l]).norm(dim=1) / base_out[l].norm(dim=1).clamp(min=1e-12)
+                row.update(ffn_out_change=float(change.median()),
+                           update_over_weight=float(delta[l].norm() / original[l].norm()))
+            rows.append(row)
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for l in layers:
+                weights[l].copy_(original[l])
+    return {"method": method, "overrides": overrides, "n_edits": n_edits, "n_probes": len(texts),
+            "edit": dict(getattr(edited, "extra_metrics", {}) or {}), "rows": rows}
+
+
 def objective(row: dict) -> float:
     """The Score; when it is 0 (a metric at 0), the mean of the six numbers breaks the tie."""
     six = [row[k] for k in ("rel_ag", "rel_tf", "gen_ag", "gen_tf", "loc_ag", "loc_tf")]
@@ -296,7 +365,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="apply all --n-edits, ask the questions of the first M only")
     s.add_argument("--fit-shard", default=None, metavar="I/N",
                    help="only store MEMIT's / AlphaEdit's z or GRACE's values of shard I of N, then stop")
-    for q in (t, k, s):
+    d = sub.add_parser("damage")
+    d.add_argument("--method", choices=["memit", "alphaedit"], required=True)
+    d.add_argument("--overrides", default="{}", help="a JSON dict on top of the registry's settings")
+    d.add_argument("--n-edits", type=int, default=1000)
+    d.add_argument("--n-probes", type=int, default=200)
+    for q in (t, k, s, d):
         q.add_argument("--model", default=lm.DEFAULT_MODEL)
         q.add_argument("--out", type=Path, required=True)
         q.add_argument("--threads", type=int, default=1)
@@ -312,6 +386,14 @@ def main(argv: list[str] | None = None) -> int:
             grid, shard = _sweep_arguments(args)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+    if args.cmd == "damage":
+        try:
+            overrides = json.loads(args.overrides)
+            if not isinstance(overrides, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            print(f"error: bad value for --overrides: {args.overrides!r} ({e})", file=sys.stderr)
             return 2
     torch.set_num_threads(args.threads)
     loaded = lm.load_model(args.model)
@@ -329,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
             print(r)
         return 0
     try:  # more pseudo-edits than the pool holds is found once the pool is read
+        if args.cmd == "damage":
+            res = {"model": loaded.model_id, **layer_damage(loaded, args.method, overrides, args.n_edits, args.n_probes)}
+            args.out.write_text(json.dumps(res, indent=1, default=str))
+            for r in res["rows"]:
+                print(json.dumps(r), flush=True)
+            return 0
         if shard is not None:
             stored = store_shard(loaded, args.method, grid, args.n_edits, shard)
             what = "values" if args.method == "grace" else "z"

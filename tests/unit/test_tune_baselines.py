@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 GRID = [{"layers": [0, 1], "mom2_weight": 1.0, "progress": False,
          "target": {"steps": 2, "n_prefixes": 1, "prefix_tokens": 2},
@@ -91,3 +92,30 @@ def test_trace_noise_is_measured_on_what_the_embedding_module_outputs(tiny_model
         scale = float(getattr(emb, "embed_scale", 1.0))  # Gemma scales inside the module
         assert (family == "gemma3") == (scale > 1.0)
         assert embedding_std(model) == pytest.approx(float(emb.weight.std()) * scale, rel=0.05)
+
+
+def test_damage_measures_each_layer_alone_then_all_and_leaves_the_model_as_it_was(tiny_dir, tmp_path, capsys):
+    from bench import tune_baselines
+    from meg import lm
+    from meg.errors import ConfigError
+
+    out = tmp_path / "damage.json"
+    over = {k: v for k, v in GRID[0].items() if k != "mom2_weight"}
+    common = ["damage", "--method", "memit", "--model", str(tiny_dir), "--n-edits", "4", "--out", str(out)]
+    loaded = lm.load_model(str(tiny_dir))
+    before = {l: lm.out_proj_weight(loaded.model, l).clone() for l in (0, 1)}
+    res = tune_baselines.layer_damage(loaded, "memit", {**over, "mom2_weight": 1e-3}, 4, n_probes=3)
+    assert all(torch.equal(lm.out_proj_weight(loaded.model, l), w) for l, w in before.items())
+    assert [r["layers"] for r in res["rows"]] == [[0], [1], [0, 1]] and res["n_probes"] == 3
+    assert all(r["kl"] >= 0 and 0 <= r["top1_kept"] <= 100 for r in res["rows"])
+    assert all(r["update_over_weight"] > 0 and r["ffn_out_change"] > 0 for r in res["rows"][:2])
+    # a far larger lambda writes a smaller update, and so harms less
+    weak = tune_baselines.layer_damage(loaded, "memit", {**over, "mom2_weight": 1e6}, 4, n_probes=3)
+    assert weak["rows"][-1]["kl"] < res["rows"][-1]["kl"]
+    assert all(w["update_over_weight"] < r["update_over_weight"] for w, r in zip(weak["rows"][:2], res["rows"][:2]))
+    assert tune_baselines.main(common + ["--overrides", json.dumps(over)]) == 0
+    assert len(json.loads(out.read_text())["rows"]) == 3
+    assert tune_baselines.main(common + ["--overrides", "[1]"]) == 2
+    assert "--overrides" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="grace"):
+        tune_baselines.layer_damage(loaded, "grace", {}, 4)
