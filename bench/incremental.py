@@ -101,13 +101,7 @@ def _seed_fit_cache(src: Path, dst: Path) -> int:
     wanted = {e.content_key for e in read_edits(dst / "artifacts" / "prepare" / "edits.jsonl")}
     copied = 0
     for store_dir in sorted((src / "cache" / "fit").glob("*")):
-        found = {k: v for k, v in fit.WeightStore(store_dir).load().items() if k in wanted}
-        if found:
-            keys = sorted(found)
-            names = found[keys[0]].keys()
-            fit.WeightStore(dst / "cache" / "fit" / store_dir.name).add(
-                keys, {n: torch.stack([found[k][n] for k in keys]) for n in names})
-            copied += len(keys)
+        copied += fit.WeightStore(store_dir).export(dst / "cache" / "fit" / store_dir.name, wanted)
     return copied
 
 

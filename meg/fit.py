@@ -414,6 +414,19 @@ class WeightStore:
         meta_tmp.write_text(json.dumps({"keys": keys, "sha256": file_sha256(part)}))
         os.replace(meta_tmp, part.with_suffix(".json"))
 
+    def export(self, dst: Path, wanted: set[str] | None = None) -> int:
+        """Write the stored weights (only the keys in ``wanted``, if given) into the store at ``dst`` as one
+        part; returns how many. Parts already there stay, so stores fitted elsewhere merge by copying."""
+        found = {k: v for k, v in self.load().items() if wanted is None or k in wanted}
+        if not found:
+            return 0
+        keys = sorted(found)
+        names = found[keys[0]].keys()
+        if any(found[k].keys() != names for k in keys):
+            raise ValueError(f"{self.root}: the parts hold different tensors; they cannot be written as one part")
+        WeightStore(dst).add(keys, {n: torch.stack([found[k][n] for k in keys]) for n in names})
+        return len(keys)
+
 
 def _adam_step(w, grad, state, lr, rows, b1=0.9, b2=0.999, eps=1e-8):
     m, v, t = state["m"], state["v"], state["t"]
