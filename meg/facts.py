@@ -525,7 +525,11 @@ def _csv_header(header: list[str], out: _Parsed) -> bool:
 
 def _csv_records(text: str, out: _Parsed) -> list[tuple[int, Any]] | None:
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    header = [h.strip() for h in next(reader, [])]
+    try:
+        header = [h.strip() for h in next(reader, [])]
+    except csv.Error as e:  # an unclosed quote in the header runs to the end of the file
+        out.problem(1, None, f"bad CSV header: {e}")
+        return None
     if not _csv_header(header, out):
         return None
     records = []
