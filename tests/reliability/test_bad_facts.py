@@ -65,7 +65,7 @@ REFUSED = [
     pytest.param("cut.csv", 'prompt,target_new\nA is,B\nC is,"D and', 3, None, "bad CSV: unexpected end of data",
                  marks=fault("CSV truncated inside a quoted cell", "refused: record, bad CSV")),
     pytest.param("header-quote.csv", 'prompt,"target_new\nA is,B\n', 1, None, "bad CSV header: unexpected end of data",
-                 marks=fault("CSV header with an unclosed quote", "refused: line 1, bad CSV header")),
+                 marks=fault("CSV header with an unclosed quote", "refused: record 1, bad CSV header")),
     pytest.param("quote.csv", 'prompt,target_new\n"A" is,B\n', 2, None, "bad CSV: ',' expected after '\"'",
                  marks=fault("CSV text after a closing quote", "refused: record, bad CSV")),
     pytest.param("latin1.csv", "prompt,target_new\nThe café is,open\n".encode("latin-1"), None, None,
