@@ -101,7 +101,7 @@ def _seed_fit_cache(src: Path, dst: Path) -> int:
     wanted = {e.content_key for e in read_edits(dst / "artifacts" / "prepare" / "edits.jsonl")}
     copied = 0
     for store_dir in sorted((src / "cache" / "fit").glob("*")):
-        copied += fit.WeightStore(store_dir).export(dst / "cache" / "fit" / store_dir.name, wanted)
+        copied += fit.WeightStore(store_dir).export(dst / "cache" / "fit" / store_dir.name, wanted.__contains__)
     return copied
 
 

@@ -27,8 +27,7 @@ def copy_stores(src: Path, dst: Path) -> dict[str, int]:
     copied = {}
     for store_dir in sorted(p for p in src.iterdir() if p.is_dir()):
         have = set(fit.WeightStore(dst / store_dir.name).load()) if (dst / store_dir.name).is_dir() else set()
-        source = fit.WeightStore(store_dir)
-        copied[store_dir.name] = source.export(dst / store_dir.name, set(source.load()) - have)
+        copied[store_dir.name] = fit.WeightStore(store_dir).export(dst / store_dir.name, lambda key: key not in have)
     return copied
 
 

@@ -28,7 +28,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -414,10 +414,10 @@ class WeightStore:
         meta_tmp.write_text(json.dumps({"keys": keys, "sha256": file_sha256(part)}))
         os.replace(meta_tmp, part.with_suffix(".json"))
 
-    def export(self, dst: Path, wanted: set[str] | None = None) -> int:
-        """Write the stored weights (only the keys in ``wanted``, if given) into the store at ``dst`` as one
-        part; returns how many. Parts already there stay, so stores fitted elsewhere merge by copying."""
-        found = {k: v for k, v in self.load().items() if wanted is None or k in wanted}
+    def export(self, dst: Path, keep: Callable[[str], bool] = lambda key: True) -> int:
+        """Write the stored weights whose key ``keep`` accepts into the store at ``dst`` as one part; returns
+        how many. Parts already there stay, so stores fitted elsewhere merge by copying."""
+        found = {k: v for k, v in self.load().items() if keep(k)}
         if not found:
             return 0
         keys = sorted(found)
