@@ -143,7 +143,7 @@ def measure(model, questions: list[str], variants: dict[str, AnswerConfig], repe
                     forget(model)
                     emb = model.encoder.encode([q])
                     got["encode"] = clock.lap()
-                    mask, _, _ = model.router.route(emb, [q])
+                    mask, _, _ = model.router.route(emb, [q], model.encoder.encode)
                     got["route"] = clock.lap()
                     w = torch.zeros(1, model.w0.numel())
                     if mask.any():

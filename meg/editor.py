@@ -119,7 +119,7 @@ class EditedModel(evaluate.EditedLM):
         if self.router is None:  # router off, in a bundle without the edit embeddings: no nearest edit known
             n = len(prompts)
             return emb, torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long), torch.ones(n)
-        mask, nearest, conf = self.router.route(emb, prompts)
+        mask, nearest, conf = self.router.route(emb, prompts, self.encoder.encode)
         return emb, mask, nearest, conf
 
     def conditions(self, prompts: list[str], emb: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meg.errors import BundleError, ConfigError
-from meg.subject_gate import SubjectIndex
+from meg.subject_gate import SubjectIndex, mask_subject
 
 ROUTERS = ("nearest", "familiarity")
 NO_MATCH = -1e4  # score of a query the subject gate rejects: below every cosine and every -entropy
@@ -53,6 +53,12 @@ class RouterConfig:
     # another relation), so the mix of kinds does not move with the edit count
     negatives: str = "per_kind"  # chosen on held-out pseudo-edits (docs/results.md §4.2)
     subject_gate: bool = False  # route a query only to edits whose subject it names (subjectless edits: embedding only)
+    # After routing, a question that names its nearest edit's subject is compared with that edit's prompt, the
+    # subject replaced by ``relation_word`` in both. If the two embeddings' cosine is below ``relation_cut``, the
+    # question asks another fact of the subject and goes to the unedited model.
+    relation_check: bool = False
+    relation_word: str = "it"
+    relation_cut: float | None = None  # null: calibrated together with the threshold
     chunk_size: int = 4096  # edit embeddings per similarity matmul (memory bound for large edit sets)
     num_labels: int = 10  # familiarity: K random labels
     blocks: int = 5  # familiarity: residual blocks Linear(C,4C)-GELU-Linear(4C,C)-Dropout
@@ -77,8 +83,14 @@ class RouterConfig:
             raise bad("objective", " | ".join(OBJECTIVES))
         if self.negatives not in NEGATIVES:
             raise bad("negatives", " | ".join(NEGATIVES))
-        if self.threshold is not None and (not _is_number(self.threshold) or not math.isfinite(self.threshold)):
-            raise bad("threshold", "a number or null (not calibrated)")
+        for name in ("threshold", "relation_cut"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or not math.isfinite(value)):
+                raise bad(name, "a number or null (not calibrated)")
+        if not isinstance(self.relation_check, bool):
+            raise bad("relation_check", "true or false")
+        if not isinstance(self.relation_word, str) or not self.relation_word.strip():
+            raise bad("relation_word", "a non-empty word")
         for name in ("chunk_size", "num_labels", "blocks", "batch_size", "max_epochs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -129,6 +141,9 @@ class Router:
         self.edit_emb: torch.Tensor | None = None  # (N, C) unit vectors of the edit prompts
         self.subjects: list[str | None] | None = None  # subject of every edit, when known
         self._gate: SubjectIndex | None = None  # built from the subjects when config.subject_gate
+        # relation_check: (N, C) unit embeddings of the edit prompts with their subject masked (zero rows: the
+        # prompt does not name its subject, so the check does not apply to that edit)
+        self.masked_emb: torch.Tensor | None = None
 
     # -- to implement: score, and the map between score and threshold units --
 
@@ -151,18 +166,36 @@ class Router:
     def n_edits(self) -> int:
         return 0 if self.edit_emb is None else int(self.edit_emb.shape[0])
 
-    def fit(self, edit_emb: torch.Tensor, subjects: Sequence[str | None] | None = None) -> "Router":
-        """Fit on the (N, C) embeddings of the edit prompts (and nothing else) and their subjects."""
+    def fit(self, edit_emb: torch.Tensor, subjects: Sequence[str | None] | None = None,
+            prompts: Sequence[str] | None = None, encode: Callable[[list[str]], torch.Tensor] | None = None
+            ) -> "Router":
+        """Fit on the (N, C) embeddings of the edit prompts (and nothing else) and their subjects.
+
+        ``relation_check`` also needs the prompts themselves and the encoder, to embed them with their
+        subject masked."""
         if edit_emb.ndim != 2 or edit_emb.shape[0] < 1:
             raise ValueError(f"router.fit: expected (N, C) edit embeddings with N >= 1, got {tuple(edit_emb.shape)}")
         if subjects is not None and len(subjects) != edit_emb.shape[0]:
             raise ValueError(f"router.fit: {len(subjects)} subjects for {edit_emb.shape[0]} edits")
         if self.config.subject_gate and subjects is None:
             raise ConfigError("router: 'subject_gate' needs the subject of every edit (None where unknown)")
+        if self.config.relation_check and (subjects is None or prompts is None or encode is None):
+            raise ConfigError("router: 'relation_check' needs the edit prompts, their subjects and the encoder")
+        if prompts is not None and len(prompts) != edit_emb.shape[0]:
+            raise ValueError(f"router.fit: {len(prompts)} prompts for {edit_emb.shape[0]} edits")
         self.edit_emb = F.normalize(edit_emb.detach().float().cpu(), dim=-1)
         self._set_subjects(subjects)
+        self.masked_emb = self._masked_prompts(list(prompts), encode) if self.config.relation_check else None
         self._fit(self.edit_emb)
         return self
+
+    def _masked_prompts(self, prompts: list[str], encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
+        masked = [mask_subject(p, s, self.config.relation_word) for p, s in zip(prompts, self.subjects)]
+        out = torch.zeros_like(self.edit_emb)
+        rows = [i for i, m in enumerate(masked) if m]
+        if rows:
+            out[rows] = F.normalize(encode([masked[i] for i in rows]).detach().float().cpu(), dim=-1)
+        return out
 
     def _set_subjects(self, subjects: Sequence[str | None] | None) -> None:
         self.subjects = list(subjects) if subjects is not None else None
@@ -179,16 +212,41 @@ class Router:
         return nearest_cosine(q, self._check_fitted(), self.config.chunk_size)
 
     def route(
-        self, query_emb: torch.Tensor, texts: Sequence[str] | None = None
+        self, query_emb: torch.Tensor, texts: Sequence[str] | None = None,
+        encode: Callable[[list[str]], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mask (M,) bool: routed to an edit, nearest edit index (M,), confidence (M,) in [0, 1]).
 
-        ``texts`` are the queries themselves, needed by the subject gate.
+        ``texts`` are the queries themselves, needed by the subject gate and the relation check; the
+        relation check also needs ``encode``, the query encoder (it embeds the masked questions).
         """
         if self.config.threshold is None:
             raise ConfigError(f"router ({self.kind}): no threshold; calibrate it (calibrate_router) or set one")
         score, nearest = self.scores(query_emb, texts)
-        return score > self._score_cut(self.config.threshold), nearest, self._confidence(score)
+        mask = score > self._score_cut(self.config.threshold)
+        if self.config.relation_check:
+            if self.config.relation_cut is None:
+                raise ConfigError(f"router ({self.kind}): no relation_cut; calibrate it (calibrate_router) or set one")
+            mask &= ~(self.relation_cosines(texts, nearest, mask, encode) < self.config.relation_cut)
+        return mask, nearest, self._confidence(score)
+
+    def relation_cosines(self, texts: Sequence[str] | None, nearest: torch.Tensor, active: torch.Tensor,
+                         encode: Callable[[list[str]], torch.Tensor] | None) -> torch.Tensor:
+        """(M,) cosine of each active question and its nearest edit's prompt, the subject masked in both;
+        NaN where the check does not apply (inactive, or either text does not name that edit's subject)."""
+        if self.masked_emb is None:
+            raise ConfigError(f"router ({self.kind}): fitted without 'relation_check'")
+        if texts is None or len(texts) != nearest.shape[0] or encode is None:
+            raise ConfigError("router: 'relation_check' needs the text of every query and the encoder")
+        out = torch.full((nearest.shape[0],), float("nan"))
+        named = self.masked_emb.abs().sum(1) > 0
+        pairs = [(m, j, q) for m, j in zip(active.nonzero().flatten().tolist(), nearest[active].tolist())
+                 if named[j] and (q := mask_subject(texts[m], self.subjects[j], self.config.relation_word))]
+        if pairs:
+            q = F.normalize(encode([q for _, _, q in pairs]).detach().float().cpu(), dim=-1)
+            rows = torch.tensor([m for m, _, _ in pairs])
+            out[rows] = (q * self.masked_emb[torch.tensor([j for _, j, _ in pairs])]).sum(1)
+        return out
 
     def _score_and_nearest(self, query_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.score(query_emb), self.nearest(query_emb)[1]
@@ -237,26 +295,42 @@ class Router:
         positive_texts: Sequence[str] | None = None,
         negative_texts: Sequence[str] | None = None,
         edit_texts: Sequence[str] | None = None,
+        encode: Callable[[list[str]], torch.Tensor] | None = None,
     ) -> dict:
         """Set the threshold from queries that should route (positives) and should not (negatives).
 
         positive_emb: paraphrases of the fitted edits; negative_emb: unrelated prompts, or a list of kinds of
         them (the rejection is then the mean over kinds, ``negative_texts`` a list too); edit_emb
         (optional): the fitted edit prompts, which must keep routing too; the texts go with them
-        (the subject gate needs them). The cut maximises the configured objective (see
-        ``choose_cut``). Returns what was chosen.
+        (the subject gate and the relation check need them, the check also ``encode``). The cut
+        maximises the configured objective (see ``choose_cut``); with ``relation_check`` the threshold
+        and the relation cut are chosen together (``choose_cuts``). Returns what was chosen.
         """
-        pos = self.scores(positive_emb, positive_texts)[0]
         if isinstance(negative_emb, torch.Tensor):  # one kind
             negative_emb, negative_texts = [negative_emb], [negative_texts]
-        texts = negative_texts or [None] * len(negative_emb)
-        neg = [self.scores(e, t)[0] for e, t in zip(negative_emb, texts) if len(e)]
-        edit = self.scores(edit_emb, edit_texts)[0] if edit_emb is not None else None
-        cut, recall, rejection, edit_recall = choose_cut(pos, neg, self.config.objective, target_recall, edit)
+        neg_texts = negative_texts or [None] * len(negative_emb)
+        groups = [(positive_emb, positive_texts)] + [(e, t) for e, t in zip(negative_emb, neg_texts) if len(e)]
+        if edit_emb is not None:
+            groups.append((edit_emb, edit_texts))
+        scored = [(*self.scores(e, t), t) for e, t in groups]  # (score, nearest, texts) per group
+        pos, neg = scored[0][0], [g[0] for g in scored[1 : len(scored) - (edit_emb is not None)]]
+        edit = scored[-1][0] if edit_emb is not None else None
+        relation_cut = None
+        if self.config.relation_check:
+            cos = [self.relation_cosines(t, near, torch.ones_like(near, dtype=torch.bool), encode)
+                   for _, near, t in scored]
+            pairs = list(zip([g[0] for g in scored], cos))
+            cut, relation_cut, recall, rejection, edit_recall = choose_cuts(
+                pairs[0], pairs[1 : len(pairs) - (edit is not None)], self.config.objective, target_recall,
+                pairs[-1] if edit is not None else None)
+            self.config.relation_cut = relation_cut
+        else:
+            cut, recall, rejection, edit_recall = choose_cut(pos, neg, self.config.objective, target_recall, edit)
         self.config.threshold = self._threshold_of(cut)
         n_negative = sum(int(n.numel()) for n in neg)
-        return {"threshold": self.config.threshold, "recall": recall, "rejection": rejection,
-                "edit_recall": edit_recall, "n_positive": int(pos.numel()), "n_negative": n_negative}
+        return {"threshold": self.config.threshold, "relation_cut": relation_cut, "recall": recall,
+                "rejection": rejection, "edit_recall": edit_recall, "n_positive": int(pos.numel()),
+                "n_negative": n_negative}
 
     def confusion(
         self,
@@ -265,12 +339,13 @@ class Router:
         unrelated_emb: torch.Tensor,
         paraphrase_of: torch.Tensor | None = None,
         texts: dict[str, Sequence[str]] | None = None,
+        encode: Callable[[list[str]], torch.Tensor] | None = None,
     ) -> dict[str, float]:
         """Share routed of edit prompts, paraphrases and unrelated prompts (0-1).
 
         paraphrase_of (P,) gives the edit index each paraphrase rephrases; then also the share of
         paraphrases routed *and* nearest to their own edit. ``texts`` maps "edit", "paraphrase" and
-        "unrelated" to the query texts (for the subject gate).
+        "unrelated" to the query texts (for the subject gate and, with ``encode``, the relation check).
         """
         texts = texts or {}
         out = {}
@@ -278,7 +353,7 @@ class Router:
             if not len(emb):
                 out[f"{name}_routed"] = float("nan")
                 continue
-            mask, nearest, _ = self.route(emb, texts.get(name))
+            mask, nearest, _ = self.route(emb, texts.get(name), encode)
             out[f"{name}_routed"] = float(mask.float().mean())
             if name == "paraphrase" and paraphrase_of is not None:
                 out["paraphrase_routed_right"] = float((mask & (nearest == paraphrase_of.cpu())).float().mean())
@@ -298,6 +373,8 @@ class Router:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {"edit_emb": self._check_fitted().contiguous(), **self._tensors()}
+        if self.masked_emb is not None:
+            tensors["masked_emb"] = self.masked_emb.contiguous()
         save_file(tensors, str(out / WEIGHTS_FILE))
         meta = {"config": asdict(self.config), "n_edits": self.n_edits, "subjects": self.subjects}
         (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
@@ -325,6 +402,11 @@ def load_router(in_dir: str | Path, device: str | None = None) -> Router:
     if (subjects is not None and len(subjects) != router.n_edits) or (config.subject_gate and subjects is None):
         raise BundleError(f"{src}: {CONFIG_FILE} does not list a subject for every edit")
     router._set_subjects(subjects)
+    router.masked_emb = tensors.pop("masked_emb", None)
+    if config.relation_check and (router.masked_emb is None or router.masked_emb.shape != router.edit_emb.shape
+                                  or subjects is None):
+        raise BundleError(f"{src}: 'relation_check' is on but {WEIGHTS_FILE} has no masked prompt embedding per edit "
+                          f"or {CONFIG_FILE} no subjects")
     router._load_tensors(tensors)
     return router
 
@@ -510,18 +592,68 @@ def choose_cut(
     recall = share_above(groups[0])
     rejection = 1 - torch.stack([share_above(n) for n in kinds]).mean(0)
     edit_recall = share_above(edit_scores) if edit_scores is not None else torch.ones_like(recall)
-    parts = torch.stack([recall, rejection, edit_recall])  # (3, cuts)
-    if target_recall is not None:
-        if not 0 < target_recall <= 1:
-            raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
-        value = torch.where(recall >= target_recall - 1e-12, rejection, torch.full_like(recall, -1.0))
-    elif objective == "balanced":
-        value = parts.mean(0)
-    else:
-        value = 3 / (1 / parts.clamp(min=1e-12)).sum(0)
+    value = objective_value(recall, rejection, edit_recall, objective, target_recall)
     best = (value >= value.max() - 1e-12).nonzero().flatten()
     i = int(best[len(best) // 2])
     return float(cuts[i]), float(recall[i]), float(rejection[i]), float(edit_recall[i])
+
+
+def objective_value(recall: torch.Tensor, rejection: torch.Tensor, edit_recall: torch.Tensor, objective: str,
+                    target_recall: float | None = None) -> torch.Tensor:
+    """What a cut is chosen by: the harmonic or plain mean of the three shares, or with ``target_recall`` the
+    rejection of the cuts that keep that recall (-1 for the others)."""
+    if target_recall is not None:
+        if not 0 < target_recall <= 1:
+            raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+        return torch.where(recall >= target_recall - 1e-12, rejection, torch.full_like(recall, -1.0))
+    parts = torch.stack([recall, rejection, edit_recall])
+    if objective == "balanced":
+        return parts.mean(0)
+    return 3 / (1 / parts.clamp(min=1e-12)).sum(0)
+
+
+RELATION_OUT, RELATION_IN = -2.0, 2.0  # relation-check scores: not routed; routed, and the check does not apply
+
+
+def relation_scores(score: torch.Tensor, cosine: torch.Tensor, cut: float) -> torch.Tensor:
+    """What the relation check sees of each question at score cut ``cut``: below every cosine if it is not
+    routed, its subject-masked cosine if the check applies, above every cosine if it does not (NaN)."""
+    routed = score.double() > cut
+    return torch.where(routed, torch.nan_to_num(cosine.double(), nan=RELATION_IN), torch.full_like(routed, RELATION_OUT,
+                                                                                               dtype=torch.double))
+
+
+def choose_cuts(
+    pos: tuple[torch.Tensor, torch.Tensor],
+    neg: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    objective: str = "harmonic",
+    target_recall: float | None = None,
+    edit: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_candidates: int = 256,
+) -> tuple[float, float, float, float, float]:
+    """The score cut and the relation cut of a router with the relation check, chosen together.
+
+    Each group is (router scores, subject-masked cosines with the nearest edit, NaN where the check does
+    not apply), as in ``choose_cut``: paraphrases, kinds of negatives, edit prompts. The check lets a
+    looser score cut pay: it sends back some of what the looser cut lets through. Tried: the cut
+    ``choose_cut`` picks without the check, and looser cuts, each just below a paraphrase score under
+    it (at most ``max_candidates``, evenly spread), each with the relation cut that is best for it
+    (``choose_cut`` on ``relation_scores``). The best pair is kept; on a tie, the stricter score cut.
+    Returns (score cut, relation cut, recall, rejection, edit recall) after both.
+    """
+    first = choose_cut(pos[0], [n[0] for n in neg], objective, target_recall, edit[0] if edit else None)[0]
+    below = pos[0].double().unique()
+    below = below[below <= first].flip(0)  # descending: the loosest candidates last
+    if below.numel() > max_candidates:
+        below = below[torch.linspace(0, below.numel() - 1, max_candidates).round().long()]
+    best, out = -math.inf, None
+    for cut in [first, *(float(b) - 1e-9 for b in below)]:
+        got = choose_cut(relation_scores(*pos, cut), [relation_scores(*n, cut) for n in neg], objective, target_recall,
+                         relation_scores(*edit, cut) if edit else None)
+        value = float(objective_value(*(torch.tensor([v]) for v in got[1:]), objective, target_recall))
+        if value > best + 1e-12:
+            best, out = value, (cut, *got)
+    return out
 
 
 # ---- calibration on held-out pseudo-edits -----------------------------------------------------
@@ -593,6 +725,7 @@ class Calibration:
     rejection: float  # negatives not routed
     edit_recall: float  # pseudo-edit prompts themselves routed
     confusion: dict = field(default_factory=dict)
+    relation_cut: float | None = None  # relation_check: the masked cosine below which a routed question goes back
 
 
 def calibrate_router(
@@ -616,8 +749,9 @@ def calibrate_router(
     if overlap:
         raise ConfigError(f"pseudo-edits overlap the edit set ({len(overlap)} texts, e.g. {sorted(overlap)[0]!r})")
     fitted, subjects, n_probe = pseudo.fitted(n_edits)
-    if config.subject_gate and subjects is None:
-        raise ConfigError("router: 'subject_gate' calibration needs pseudo-edits with subjects")
+    for option in ("subject_gate", "relation_check"):
+        if getattr(config, option) and subjects is None:
+            raise ConfigError(f"router: '{option}' calibration needs pseudo-edits with subjects")
     fitted_set = set(fitted)
     unrelated = [u for u in dict.fromkeys(pseudo.unrelated) if u not in fitted_set]
     same = pseudo.same_subject
@@ -627,8 +761,8 @@ def calibrate_router(
         same = [q for q, i in zip(same, pseudo.same_subject_of) if i < n_probe]
     same = [u for u in dict.fromkeys(same) if u not in fitted_set]
     negatives = unrelated + same
-    router = make_router(replace(config, threshold=None))
-    router.fit(encode(fitted), subjects)
+    router = make_router(replace(config, threshold=None, relation_cut=None))
+    router.fit(encode(fitted), subjects, fitted, encode)
     paras = list(pseudo.paraphrases[:n_probe])
     para, probed = encode(paras), encode(fitted[:n_probe])
     if config.negatives == "per_kind":
@@ -637,13 +771,14 @@ def calibrate_router(
     else:
         neg, neg_texts = encode(negatives), negatives
     chosen = router.calibrate(para, neg, target_recall, edit_emb=probed, positive_texts=paras,
-                              negative_texts=neg_texts, edit_texts=fitted[:n_probe])
+                              negative_texts=neg_texts, edit_texts=fitted[:n_probe], encode=encode)
     confusion = router.confusion(probed, para, encode(unrelated), torch.arange(n_probe),
-                                 texts={"edit": fitted[:n_probe], "paraphrase": paras, "unrelated": unrelated})
+                                 texts={"edit": fitted[:n_probe], "paraphrase": paras, "unrelated": unrelated},
+                                 encode=encode)
     if same:
-        confusion["same_subject_routed"] = float(router.route(encode(same), same)[0].float().mean())
+        confusion["same_subject_routed"] = float(router.route(encode(same), same, encode)[0].float().mean())
     return Calibration(chosen["threshold"], len(fitted), n_probe, len(negatives), chosen["recall"], chosen["rejection"],
-                       chosen["edit_recall"], confusion)
+                       chosen["edit_recall"], confusion, chosen["relation_cut"])
 
 
 def memoised(encode: Callable[[list[str]], torch.Tensor]) -> Callable[[list[str]], torch.Tensor]:
@@ -668,13 +803,18 @@ def build_router(
     pseudo: PseudoEdits | None = None,
     edit_subjects: Sequence[str | None] | None = None,
 ) -> tuple[Router, Calibration | None]:
-    """Fit a router on the edit prompts; threshold from ``calibrate_router`` unless config sets one."""
+    """Fit a router on the edit prompts; threshold (and relation cut) from ``calibrate_router`` unless config
+    sets them."""
     encode = memoised(encode)
     calibration = None
+    uncut = config.relation_check and config.relation_cut is None
+    if config.threshold is not None and uncut:
+        raise ConfigError("router: 'threshold' is set but 'relation_cut' is not; set both, or neither to calibrate "
+                          "them together")
     if config.threshold is None:
         if pseudo is None:
             raise ConfigError("router: no threshold set and no pseudo-edits to calibrate it on")
         calibration = calibrate_router(config, encode, pseudo, len(edit_prompts), exclude=edit_prompts)
-        config = replace(config, threshold=calibration.threshold)
-    router = make_router(replace(config)).fit(encode(list(edit_prompts)), edit_subjects)
+        config = replace(config, threshold=calibration.threshold, relation_cut=calibration.relation_cut)
+    router = make_router(replace(config)).fit(encode(list(edit_prompts)), edit_subjects, list(edit_prompts), encode)
     return router, calibration

@@ -46,3 +46,17 @@ class SubjectIndex:
             for start in range(len(ws) - n + 1):
                 found.update(self._by_phrase.get(" ".join(ws[start : start + n]), ()))
         return sorted(found)
+
+
+def mask_subject(text: str, subject: str | None, word: str) -> str | None:
+    """``text`` with every occurrence of ``subject`` replaced by ``word``; None if the text does not name it.
+
+    An occurrence is matched as ``SubjectIndex`` matches one: the subject's words as whole words,
+    case-insensitive, any punctuation or whitespace between them ("Lyon's twin city" -> "it's twin city").
+    """
+    ws = _BREAK.sub(" ", subject).split() if subject else []
+    if not ws:
+        return None
+    pattern = re.compile(r"(?<!\w)" + r"[^\w]+".join(re.escape(w) for w in ws) + r"(?!\w)", re.IGNORECASE)
+    masked, n = pattern.subn(lambda _: word, text)
+    return masked if n else None

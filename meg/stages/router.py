@@ -37,6 +37,7 @@ def run(view: dict, prepare_dir: Path, encoder_dir: Path, out_dir: Path, progres
     if calibration:
         metrics.update(threshold=calibration.threshold, recall=calibration.recall, rejection=calibration.rejection,
                        edit_recall=calibration.edit_recall,
+                       **({"relation_cut": calibration.relation_cut} if calibration.relation_cut is not None else {}),
                        **{f"pseudo_{k}": float(v) for k, v in calibration.confusion.items()})
     write_metrics(out, metrics)
     summary = (f"{cfg.router} router on {len(edits)} edits: threshold {calibration.threshold:.3f}, pseudo-edit "
