@@ -2,16 +2,22 @@
 
 import json
 
+SMALL = "n_pseudo_encoder=40,n_pseudo_calibration=40,encoder.trainable=none"
 
-def test_router_scale_reports_shares_and_a_dev_score_per_variant_and_size(tmp_path, monkeypatch):
+
+def run(tmp_path, monkeypatch, sizes: str, *variants: str) -> list[dict]:
+    """bench.router_scale on a small pool with a frozen encoder: its rows."""
     from bench.router_scale import main
 
     monkeypatch.setenv("MEG_HOME", str(tmp_path / "home"))
     out = tmp_path / "rs.json"
-    small = "n_pseudo_encoder=40,n_pseudo_calibration=40,encoder.trainable=none"
-    assert main(["--sizes", "20,30", "--set", small, "--asked", "25", "--out", str(out),
-                 "--variant", "pooled:", "--variant", "kinds:router_options.negatives=per_kind"]) == 0
-    rows = json.loads(out.read_text())
+    args = ["--sizes", sizes, "--set", SMALL, "--asked", "25", "--out", str(out)]
+    assert main(args + [a for v in variants for a in ("--variant", v)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_router_scale_reports_shares_and_a_dev_score_per_variant_and_size(tmp_path, monkeypatch):
+    rows = run(tmp_path, monkeypatch, "20,30", "pooled:router_options.negatives=pooled", "kinds:")
     assert [(r["variant"], r["n"]) for r in rows] == [("pooled", 20), ("pooled", 30), ("kinds", 20), ("kinds", 30)]
     for r in rows:
         assert 0 <= r["paraphrase_right"] <= r["paraphrase_routed"] <= 100
@@ -23,14 +29,9 @@ def test_router_scale_reports_shares_and_a_dev_score_per_variant_and_size(tmp_pa
 
 
 def test_relation_check_variant_calibrates_a_cut_no_worse_on_its_own_objective(tmp_path, monkeypatch):
-    from bench.router_scale import harmonic, main
+    from bench.router_scale import harmonic
 
-    monkeypatch.setenv("MEG_HOME", str(tmp_path / "home"))
-    out = tmp_path / "rc.json"
-    small = "n_pseudo_encoder=40,n_pseudo_calibration=40,encoder.trainable=none"
-    assert main(["--sizes", "30", "--set", small, "--asked", "25", "--out", str(out),
-                 "--variant", "plain:", "--variant", "check:router_options.relation_check=true"]) == 0
-    plain, check = json.loads(out.read_text())
+    plain, check = run(tmp_path, monkeypatch, "30", "plain:router_options.relation_check=false", "check:")
     assert plain["relation_cut"] is None and isinstance(check["relation_cut"], float)
 
     def objective(r: dict) -> float:  # what calibration maximises (harmonic objective)
