@@ -223,11 +223,12 @@ class Router:
         if self.config.threshold is None:
             raise ConfigError(f"router ({self.kind}): no threshold; calibrate it (calibrate_router) or set one")
         score, nearest = self.scores(query_emb, texts)
-        mask = score > self._score_cut(self.config.threshold)
+        # in float64, as the cuts were chosen (a float32 comparison would round a cut just below a score onto it)
+        mask = score.double() > self._score_cut(self.config.threshold)
         if self.config.relation_check:
             if self.config.relation_cut is None:
                 raise ConfigError(f"router ({self.kind}): no relation_cut; calibrate it (calibrate_router) or set one")
-            mask &= ~(self.relation_cosines(texts, nearest, mask, encode) < self.config.relation_cut)
+            mask &= ~(self.relation_cosines(texts, nearest, mask, encode).double() < self.config.relation_cut)
         return mask, nearest, self._confidence(score)
 
     def relation_cosines(self, texts: Sequence[str] | None, nearest: torch.Tensor, active: torch.Tensor,
@@ -643,13 +644,15 @@ def choose_cuts(
     """
     first = choose_cut(pos[0], [n[0] for n in neg], objective, target_recall, edit[0] if edit else None)[0]
     below = pos[0].double().unique()
-    below = below[below <= first].flip(0)  # descending: the loosest candidates last
+    below = below[(below <= first) & (below > NO_MATCH)].flip(0)  # descending: the loosest last; never gate-rejected
     if below.numel() > max_candidates:
         below = below[torch.linspace(0, below.numel() - 1, max_candidates).round().long()]
     best, out = -math.inf, None
     for cut in [first, *(float(b) - 1e-9 for b in below)]:
         got = choose_cut(relation_scores(*pos, cut), [relation_scores(*n, cut) for n in neg], objective, target_recall,
                          relation_scores(*edit, cut) if edit else None)
+        if got[0] >= RELATION_IN:  # "send back everything", which routing cannot do (unchecked questions stay)
+            continue
         value = float(objective_value(*(torch.tensor([v]) for v in got[1:]), objective, target_recall))
         if value > best + 1e-12:
             best, out = value, (cut, *got)
@@ -708,7 +711,7 @@ class PseudoEdits:
             warnings.warn(f"pseudo-edits: {len(prompts)} prompts, fewer than the {n_edits} edits; the router is "
                           f"calibrated on an edit set of {len(prompts)}")
         subjects = None
-        if self.subjects and (self.filler_subjects or n_probe == n_edits):
+        if self.subjects and (self.filler_subjects or len(prompts) == n_probe):
             subjects = list(self.subjects[:n_probe]) + list(self.filler_subjects[: n_edits - n_probe])
         return prompts, subjects, n_probe
 
@@ -807,9 +810,8 @@ def build_router(
     sets them."""
     encode = memoised(encode)
     calibration = None
-    uncut = config.relation_check and config.relation_cut is None
-    if config.threshold is not None and uncut:
-        raise ConfigError("router: 'threshold' is set but 'relation_cut' is not; set both, or neither to calibrate "
+    if config.relation_check and (config.threshold is None) != (config.relation_cut is None):
+        raise ConfigError("router: one of 'threshold' and 'relation_cut' is set; set both, or neither to calibrate "
                           "them together")
     if config.threshold is None:
         if pseudo is None:

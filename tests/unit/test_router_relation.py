@@ -174,3 +174,37 @@ def test_relation_check_survives_save_load_and_is_checked(tmp_path):
     save_file(tensors, str(tmp_path / "r" / "router.safetensors"))
     with pytest.raises(BundleError, match="masked prompt embedding"):
         load_router(tmp_path / "r")
+
+
+def test_a_cut_just_below_a_score_routes_it_as_calibration_counted():
+    # a float32 comparison would round the cut onto the score and drop exactly the paraphrase that was counted
+    score = torch.tensor([0.8123456], dtype=torch.float32)
+    router = NearestEditRouter(RouterConfig(kind="nearest", threshold=float(score.double()[0]) - 1e-9))
+    router.fit(score.new_tensor([[1.0, 0.0]]))
+    query = torch.stack([score, (1 - score**2).sqrt()], 1)  # cosine with the one edit = score
+    assert router.route(query)[0].item()
+
+
+def test_one_cut_set_without_the_other_is_refused_and_options_add_to_the_defaults():
+    from meg.editor import ROUTER_DEFAULTS, MegConfig, with_overrides
+
+    enc = BagEncoder()
+    prompts = [q("capital", 1, 0)]
+    for given in ({"threshold": 0.3}, {"relation_cut": 0.2}):
+        with pytest.raises(ConfigError, match="set both, or neither"):
+            build_router(RouterConfig(relation_check=True, **given), enc, prompts, pseudo_set(5, 50), ["Subj1"])
+    assert MegConfig().router_options == ROUTER_DEFAULTS == {"relation_check": True}
+    assert MegConfig(router_options={"negatives": "pooled"}).router_options == {"relation_check": True,
+                                                                                 "negatives": "pooled"}
+    off = with_overrides(MegConfig(), {"router_options.relation_check": False})
+    assert off.router_options["relation_check"] is False
+
+
+def test_fewer_pseudo_edits_than_edits_keep_their_subjects_for_the_check():
+    pseudo = pseudo_set(8, offset=0)  # no filler: the calibration set is smaller than the edit set
+    with pytest.warns(UserWarning, match="calibrated on an edit set of 8"):
+        prompts, subjects, n_probe = pseudo.fitted(20)
+    assert len(prompts) == n_probe == 8 and subjects == list(pseudo.subjects)
+    with pytest.warns(UserWarning):
+        cal = calibrate_router(RouterConfig(kind="nearest", relation_check=True), BagEncoder(), pseudo, 20)
+    assert cal.relation_cut is not None
