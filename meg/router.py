@@ -240,9 +240,10 @@ class Router:
         if texts is None or len(texts) != nearest.shape[0] or encode is None:
             raise ConfigError("router: 'relation_check' needs the text of every query and the encoder")
         out = torch.full((nearest.shape[0],), float("nan"))
-        named = self.masked_emb.abs().sum(1) > 0
-        pairs = [(m, j, q) for m, j in zip(active.nonzero().flatten().tolist(), nearest[active].tolist())
-                 if named[j] and (q := mask_subject(texts[m], self.subjects[j], self.config.relation_word))]
+        rows = active.nonzero().flatten()
+        named = self.masked_emb[nearest[rows]].any(1).tolist()  # the edit's prompt names its subject
+        pairs = [(m, j, q) for m, j, ok in zip(rows.tolist(), nearest[rows].tolist(), named)
+                 if ok and (q := mask_subject(texts[m], self.subjects[j], self.config.relation_word))]
         if pairs:
             q = F.normalize(encode([q for _, _, q in pairs]).detach().float().cpu(), dim=-1)
             rows = torch.tensor([m for m, _, _ in pairs])
@@ -310,27 +311,29 @@ class Router:
         if isinstance(negative_emb, torch.Tensor):  # one kind
             negative_emb, negative_texts = [negative_emb], [negative_texts]
         neg_texts = negative_texts or [None] * len(negative_emb)
-        groups = [(positive_emb, positive_texts)] + [(e, t) for e, t in zip(negative_emb, neg_texts) if len(e)]
-        if edit_emb is not None:
-            groups.append((edit_emb, edit_texts))
-        scored = [(*self.scores(e, t), t) for e, t in groups]  # (score, nearest, texts) per group
-        pos, neg = scored[0][0], [g[0] for g in scored[1 : len(scored) - (edit_emb is not None)]]
-        edit = scored[-1][0] if edit_emb is not None else None
+
+        def group(emb: torch.Tensor, texts: Sequence[str] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """(scores, masked cosines with the nearest edit, or None without the check) of one group."""
+            score, nearest = self.scores(emb, texts)
+            if not self.config.relation_check:
+                return score, None
+            return score, self.relation_cosines(texts, nearest, torch.ones_like(nearest, dtype=torch.bool), encode)
+
+        pos = group(positive_emb, positive_texts)
+        neg = [group(e, t) for e, t in zip(negative_emb, neg_texts) if len(e)]
+        edit = group(edit_emb, edit_texts) if edit_emb is not None else None
         relation_cut = None
         if self.config.relation_check:
-            cos = [self.relation_cosines(t, near, torch.ones_like(near, dtype=torch.bool), encode)
-                   for _, near, t in scored]
-            pairs = list(zip([g[0] for g in scored], cos))
-            cut, relation_cut, recall, rejection, edit_recall = choose_cuts(
-                pairs[0], pairs[1 : len(pairs) - (edit is not None)], self.config.objective, target_recall,
-                pairs[-1] if edit is not None else None)
+            cut, relation_cut, recall, rejection, edit_recall = choose_cuts(pos, neg, self.config.objective,
+                                                                            target_recall, edit)
             self.config.relation_cut = relation_cut
         else:
-            cut, recall, rejection, edit_recall = choose_cut(pos, neg, self.config.objective, target_recall, edit)
+            cut, recall, rejection, edit_recall = choose_cut(pos[0], [n[0] for n in neg], self.config.objective,
+                                                             target_recall, edit[0] if edit else None)
         self.config.threshold = self._threshold_of(cut)
-        n_negative = sum(int(n.numel()) for n in neg)
+        n_negative = sum(int(n[0].numel()) for n in neg)
         return {"threshold": self.config.threshold, "relation_cut": relation_cut, "recall": recall,
-                "rejection": rejection, "edit_recall": edit_recall, "n_positive": int(pos.numel()),
+                "rejection": rejection, "edit_recall": edit_recall, "n_positive": int(pos[0].numel()),
                 "n_negative": n_negative}
 
     def confusion(
@@ -620,8 +623,8 @@ def relation_scores(score: torch.Tensor, cosine: torch.Tensor, cut: float) -> to
     """What the relation check sees of each question at score cut ``cut``: below every cosine if it is not
     routed, its subject-masked cosine if the check applies, above every cosine if it does not (NaN)."""
     routed = score.double() > cut
-    return torch.where(routed, torch.nan_to_num(cosine.double(), nan=RELATION_IN), torch.full_like(routed, RELATION_OUT,
-                                                                                               dtype=torch.double))
+    out = torch.full(routed.shape, RELATION_OUT, dtype=torch.double)
+    return torch.where(routed, torch.nan_to_num(cosine.double(), nan=RELATION_IN), out)
 
 
 def choose_cuts(
