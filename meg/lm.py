@@ -18,6 +18,8 @@ records it and refuses to load against different weights.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -262,6 +264,17 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive lock on ``lock_path`` (created if missing) across processes."""
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def resolve_model_dir(name_or_path: str) -> tuple[Path | str, str]:
     """Return (directory or hub id, model id) for a registry name, local directory or hub id."""
     if name_or_path in SOURCES:
@@ -269,7 +282,9 @@ def resolve_model_dir(name_or_path: str) -> tuple[Path | str, str]:
         out = meg_home() / "models" / spec.name
         if not (out / "config.json").is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
-            _dequantise(spec, out)
+            with _exclusive(out.with_name(out.name + ".lock")):
+                if not (out / "config.json").is_file():  # another process may have made it meanwhile
+                    _dequantise(spec, out)
         return out, spec.name
     path = Path(name_or_path).expanduser()
     if path.is_dir():

@@ -59,3 +59,32 @@ def test_local_directory_loads(tmp_path, tiny_models, tokenizer):
     assert loaded.model.config.model_type == "qwen2"
     assert loaded.tokenizer.padding_side == "left"
     assert len(loaded.content_hash) == 64
+
+
+def test_registry_model_is_dequantised_once_when_processes_race(tmp_path, monkeypatch):
+    """Two loaders starting together on a fresh MEG_HOME: the second waits and takes the first's directory."""
+    import threading
+    import time
+
+    monkeypatch.setenv("MEG_HOME", str(tmp_path))
+    made, overlap, active = [], [], []
+
+    def slow_dequantise(spec, out):
+        active.append(1)
+        overlap.append(len(active))
+        time.sleep(0.3)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        made.append(out)
+        active.pop()
+
+    monkeypatch.setattr(lm, "_dequantise", slow_dequantise)
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(lm.resolve_model_dir("smollm2-135m")))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and max(overlap) == 1
+    assert results == [(tmp_path / "models" / "smollm2-135m", "smollm2-135m")] * 3
