@@ -217,14 +217,15 @@ def answer_rows(model: "EditedModel", questions: list[str], explain: list[bool],
     explanations: list[dict | None] = [None] * n
     asked = [i for i in range(n) if explain[i]]
     if asked:
-        emb, mask, _, conf, exact = model.route_exact([questions[i] for i in asked])
+        emb, r, exact = model.route_exact_detail([questions[i] for i in asked])
         near = nearest_edits(model, emb, cfg.top_k)
         for j, i in enumerate(asked):
             explanations[i] = {
                 "question": questions[i],
-                "routed": bool(mask[j]),
+                "routed": bool(r.mask[j]),
                 "exact": j in exact,
-                "confidence": round(float(conf[j]), 4),
+                **model.why(r, j),
+                "confidence": round(float(r.confidence[j]), 4),
                 "nearest_edits": near[j],
                 "answer": texts[i],
                 "base_answer": texts[base_of[i]] if i in base_of else texts[i],

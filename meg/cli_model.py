@@ -111,6 +111,15 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+# What each routing reason (meg.router) means to someone reading an explanation
+REASONS = {
+    "routed": "close to an edited fact",
+    "threshold": "not close enough to any edited fact",
+    "no_subject": "it names no edited subject (subject gate)",
+    "relation": "it names an edited subject but asks another fact of it (relation check)",
+}
+
+
 def format_explanation(e: dict) -> str:
     """A few readable lines for one explained answer."""
     lines = [f"Q: {e['question']}",
@@ -118,6 +127,11 @@ def format_explanation(e: dict) -> str:
              f"  base answer:   {e['base_answer']}",
              f"  routed to edited knowledge: {'yes' if e['routed'] else 'no'} (confidence {e['confidence']:.3f})"
              + (", an edit's own prompt: its fitted weights" if e.get("exact") else "")]
+    why = REASONS.get(e.get("reason", ""))
+    if why and not e.get("exact"):
+        if "relation_cosine" in e:
+            why += f" (subject-masked cosine {e['relation_cosine']:.3f}, cut {e['relation_cut']:.3f})"
+        lines.append(f"  why: {why}")
     for n in e.get("nearest_edits", []):
         what = f"{n.get('prompt', '')} -> {n.get('target_new', '')}" if "prompt" in n else ""
         lines.append(f"  nearest edit {n.get('id', n['index'])} (cosine {n['similarity']:.3f}) {what}".rstrip())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import time
 from collections import OrderedDict
@@ -123,12 +124,19 @@ class EditedModel(evaluate.EditedLM):
         self._cache: OrderedDict[str, tuple[torch.Tensor, bool]] = OrderedDict()
 
     def route(self, prompts: list[str]):
+        emb, r = self.route_detail(prompts)
+        return emb, r.mask, r.nearest, r.confidence
+
+    def route_detail(self, prompts: list[str]):
+        """(query embeddings, ``router.Routing``) of ``prompts``."""
+        from meg.router import ROUTED, Routing
+
         emb = self.encoder.encode(prompts)
         if self.router is None:  # router off, in a bundle without the edit embeddings: no nearest edit known
             n = len(prompts)
-            return emb, torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long), torch.ones(n)
-        mask, nearest, conf = self.router.route(emb, prompts, self.encoder.encode)
-        return emb, mask, nearest, conf
+            return emb, Routing(torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long), torch.ones(n),
+                                [ROUTED] * n, torch.full((n,), float("nan")))
+        return emb, self.router.route_detail(emb, prompts, self.encoder.encode)
 
     def conditions(self, prompts: list[str], emb: torch.Tensor) -> torch.Tensor:
         """The generator's conditions for prompts whose query embeddings are ``emb`` (n, C)."""
@@ -141,7 +149,14 @@ class EditedModel(evaluate.EditedLM):
     def route_exact(self, prompts: list[str]):
         """``route`` with every prompt that is an edit's own prompt (``exact_prompts``) routed to that edit:
         (emb, mask, nearest, confidence, the set of such rows)."""
-        emb, mask, nearest, conf = self.route(prompts)
+        emb, r, exact = self.route_exact_detail(prompts)
+        return emb, r.mask, r.nearest, r.confidence, exact
+
+    def route_exact_detail(self, prompts: list[str]):
+        """``route_exact`` as (emb, ``router.Routing``, the set of exact rows); an exact row's reason is EXACT."""
+        from meg.router import EXACT
+
+        emb, r = self.route_detail(prompts)
         exact: set[int] = set()
         if self._exact:
             from meg.facts import normalise_prompt
@@ -149,9 +164,9 @@ class EditedModel(evaluate.EditedLM):
             for i, p in enumerate(prompts):
                 j = self._exact.get(normalise_prompt(p))
                 if j is not None:
-                    mask[i], nearest[i] = True, j
+                    r.mask[i], r.nearest[i], r.reason[i] = True, j, EXACT
                     exact.add(i)
-        return emb, mask, nearest, conf, exact
+        return emb, r, exact
 
     def edit_conditions(self) -> torch.Tensor:
         """(N, C') the generator's conditions of the edit prompts."""
@@ -184,9 +199,18 @@ class EditedModel(evaluate.EditedLM):
         return torch.stack([h[0] for h in hits]), torch.tensor([h[1] for h in hits])
 
     def explain(self, prompts: list[str]) -> list[dict]:
-        _, mask, nearest, conf, exact = self.route_exact(prompts)
-        return [{"routed": bool(m), "nearest": int(n), "confidence": float(c), "exact": i in exact}
-                for i, (m, n, c) in enumerate(zip(mask, nearest, conf))]
+        _, r, exact = self.route_exact_detail(prompts)
+        return [{"routed": bool(r.mask[i]), "nearest": int(r.nearest[i]), "confidence": float(r.confidence[i]),
+                 "exact": i in exact, **self.why(r, i)} for i in range(len(prompts))]
+
+    def why(self, r, i: int) -> dict:
+        """Why query ``i`` of the ``router.Routing`` r was or was not routed: {"reason": ...}, with the relation
+        check's cosine and cut where it compared the query with its nearest edit."""
+        out = {"reason": r.reason[i]}
+        c = float(r.relation[i])
+        if not math.isnan(c):
+            out.update(relation_cosine=round(c, 4), relation_cut=round(float(self.router.config.relation_cut), 4))
+        return out
 
     # ---- bundle -------------------------------------------------------------------------------
 
@@ -706,3 +730,4 @@ def _hash_tree(root: Path, skip: set[str] = frozenset({"manifest.json"})) -> dic
         if p.is_file() and rel not in skip:
             out[rel] = file_sha256(p)
     return out
+

@@ -43,6 +43,25 @@ NEGATIVES = ("pooled", "per_kind")
 CONFIG_FILE, WEIGHTS_FILE = "router.json", "router.safetensors"
 
 
+# Why a query was or was not routed (``Routing.reason``)
+ROUTED = "routed"  # close enough to its nearest edit, and the relation check (when on) let it through
+THRESHOLD = "threshold"  # not close enough to any edit
+NO_SUBJECT = "no_subject"  # the subject gate: the query names no edited subject
+RELATION = "relation"  # close enough, but it asks another fact of the edit's subject (the relation check)
+EXACT = "exact"  # an edit's own prompt, routed to that edit whatever the scores (set by the edited model)
+
+
+@dataclass
+class Routing:
+    """What the router decided for M queries."""
+
+    mask: torch.Tensor  # (M,) bool: routed to an edit
+    nearest: torch.Tensor  # (M,) the nearest edit's index
+    confidence: torch.Tensor  # (M,) in [0, 1]
+    reason: list[str]  # ROUTED, THRESHOLD, NO_SUBJECT or RELATION per query
+    relation: torch.Tensor  # (M,) the relation check's cosine; NaN where it did not apply
+
+
 @dataclass
 class RouterConfig:
     kind: str = "nearest"  # "nearest" (cosine to the nearest edit) or "familiarity" (the paper's network)
@@ -220,16 +239,29 @@ class Router:
         ``texts`` are the queries themselves, needed by the subject gate and the relation check; the
         relation check also needs ``encode``, the query encoder (it embeds the masked questions).
         """
+        r = self.route_detail(query_emb, texts, encode)
+        return r.mask, r.nearest, r.confidence
+
+    def route_detail(
+        self, query_emb: torch.Tensor, texts: Sequence[str] | None = None,
+        encode: Callable[[list[str]], torch.Tensor] | None = None,
+    ) -> "Routing":
+        """``route``, with why each query was or was not routed (``Routing.reason``) and its relation cosine."""
         if self.config.threshold is None:
             raise ConfigError(f"router ({self.kind}): no threshold; calibrate it (calibrate_router) or set one")
         score, nearest = self.scores(query_emb, texts)
         # in float64, as the cuts were chosen (a float32 comparison would round a cut just below a score onto it)
-        mask = score.double() > self._score_cut(self.config.threshold)
+        passed = score.double() > self._score_cut(self.config.threshold)
+        mask = passed.clone()
+        relation = torch.full((nearest.shape[0],), float("nan"))
         if self.config.relation_check:
             if self.config.relation_cut is None:
                 raise ConfigError(f"router ({self.kind}): no relation_cut; calibrate it (calibrate_router) or set one")
-            mask &= ~(self.relation_cosines(texts, nearest, mask, encode).double() < self.config.relation_cut)
-        return mask, nearest, self._confidence(score)
+            relation = self.relation_cosines(texts, nearest, passed, encode)
+            mask &= ~(relation.double() < self.config.relation_cut)
+        reason = [ROUTED if m else RELATION if p else NO_SUBJECT if s == NO_MATCH else THRESHOLD
+                  for m, p, s in zip(mask.tolist(), passed.tolist(), score.tolist())]
+        return Routing(mask, nearest, self._confidence(score), reason, relation)
 
     def relation_cosines(self, texts: Sequence[str] | None, nearest: torch.Tensor, active: torch.Tensor,
                          encode: Callable[[list[str]], torch.Tensor] | None) -> torch.Tensor:

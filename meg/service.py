@@ -160,6 +160,13 @@ class Explanation(BaseModel):
     routed: bool = Field(description="The router sent the question to the edited knowledge.")
     exact: bool = Field(description="The question is an edit's own prompt, answered with that edit's fitted "
                                     "weights (attach.exact_prompts).")
+    reason: str = Field(description="Why the question was or was not routed: 'routed', 'exact' (an edit's own "
+                                    "prompt), 'threshold' (not close enough to any edit), 'no_subject' (names no "
+                                    "edited subject; subject gate), 'relation' (names an edited subject but asks "
+                                    "another fact of it; the relation check).")
+    relation_cosine: float | None = Field(None, description="Where the relation check compared the question with "
+                                                            "its nearest edit, subject masked in both: the cosine.")
+    relation_cut: float | None = Field(None, description="The relation check's cut: below it, 'relation'.")
     confidence: float = Field(description="The router's confidence in [0, 1].")
     nearest_edits: list[NearestEdit]
     answer: str

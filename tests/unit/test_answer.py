@@ -60,6 +60,11 @@ def test_explanations(model, questions):
         assert e["question"] == q and e["answer"] == plain[i] and e["base_answer"] == base[i]
         assert e["routed"] == (bool(mask[i]) or e["exact"]) and e["confidence"] == pytest.approx(float(conf[i]), abs=1e-4)
         assert e["exact"] == (q in {x.prompt for x in edits})
+        expected = "exact" if e["exact"] else "routed" if e["routed"] else ("relation", "threshold", "no_subject")
+        assert e["reason"] == expected if isinstance(expected, str) else e["reason"] in expected
+        assert ("relation_cosine" in e) == ("relation_cut" in e)
+        if e["reason"] == "relation":
+            assert e["relation_cosine"] < e["relation_cut"]
         assert len(e["nearest_edits"]) == 3
         sims = [n["similarity"] for n in e["nearest_edits"]]
         assert sims == sorted(sims, reverse=True)

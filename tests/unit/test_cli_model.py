@@ -74,7 +74,8 @@ def test_ask_answers_and_explains(edited, capsys):
     assert f"Q: {edit.prompt}" in text and "routed to edited knowledge: yes" in text
     assert f"nearest edit {edit.id}" in text and "base answer:" in text
     assert main(["ask", str(out), UNRELATED[0], "--explain"]) == 0
-    assert "routed to edited knowledge: no" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "routed to edited knowledge: no" in text and "  why: " in text
 
 
 def test_chat_reads_questions_until_quit(edited, monkeypatch, capsys):
@@ -111,3 +112,15 @@ def test_bad_model_reference_and_config_exit_2(tmp_path, capsys):
     assert main(["edit", str(facts), "--out", str(tmp_path / "notabundle")]) == 2
     assert "not an edit bundle" in capsys.readouterr().err
     assert (tmp_path / "notabundle" / "keep.txt").read_text() == "precious"
+
+
+def test_explanation_says_when_the_relation_check_sent_a_question_back():
+    from meg.cli_model import format_explanation
+
+    e = {"question": "The anthem of France is", "answer": "La Marseillaise", "base_answer": "La Marseillaise",
+         "routed": False, "exact": False, "reason": "relation", "relation_cosine": 0.41, "relation_cut": 0.55,
+         "confidence": 0.93, "nearest_edits": []}
+    text = format_explanation(e)
+    assert "routed to edited knowledge: no (confidence 0.930)" in text
+    assert "asks another fact of it (relation check) (subject-masked cosine 0.410, cut 0.550)" in text
+    assert "why:" not in format_explanation({**e, "routed": True, "exact": True, "reason": "exact"})

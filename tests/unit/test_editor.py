@@ -109,6 +109,8 @@ def test_edit_prompts_get_their_fitted_weights(built, tmp_path):
     assert routed.numel() and not any(torch.equal(w[n + i], model.lookup[i]) for i in routed.tolist())
     why = model.explain(asked)
     assert [r["exact"] for r in why] == [True] * n + [False] * n
+    assert [r["reason"] for r in why[:n]] == ["exact"] * n
+    assert all(r["reason"] == "routed" for r in why[n:] if r["routed"])
     assert [r["nearest"] for r in why[:n]] == list(range(n))
     records = model.routing_records(edits)
     assert all(r["rel_exact"] and r["rel_routed"] for r in records) and not any(r["gen_exact"] for r in records)

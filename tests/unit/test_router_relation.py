@@ -208,3 +208,22 @@ def test_fewer_pseudo_edits_than_edits_keep_their_subjects_for_the_check():
     with pytest.warns(UserWarning):
         cal = calibrate_router(RouterConfig(kind="nearest", relation_check=True), BagEncoder(), pseudo, 20)
     assert cal.relation_cut is not None
+
+
+def test_route_detail_says_why_each_question_was_or_was_not_routed():
+    from meg.router import NO_SUBJECT, RELATION, ROUTED, THRESHOLD
+
+    enc = BagEncoder()
+    prompts = [q("capital", 1, 0), q("currency", 2, 0)]
+    config = RouterConfig(kind="nearest", threshold=0.3, relation_check=True, relation_cut=0.3, subject_gate=True)
+    router = NearestEditRouter(config).fit(enc(prompts), ["Subj1", "Subj2"], prompts, enc)
+    texts = [q("capital", 1, 1), q("anthem", 1, 1), q("capital", 7, 1)]
+    r = router.route_detail(enc(texts), texts, enc)
+    mask, nearest, conf = router.route(enc(texts), texts, enc)
+    assert r.mask.tolist() == mask.tolist() and (r.nearest == nearest).all() and torch.equal(r.confidence, conf)
+    assert r.reason == [ROUTED, RELATION, NO_SUBJECT]
+    assert r.relation[0] > 0.3 > r.relation[1] and r.relation[2].isnan()
+    # a stricter threshold sends the paraphrase back before the relation check looks at it
+    router.config.threshold = float(router.scores(enc(texts[:1]), texts[:1])[0]) + 1e-3
+    strict = router.route_detail(enc(texts), texts, enc)
+    assert strict.reason[0] == THRESHOLD and strict.relation[0].isnan() and not strict.mask.any()
