@@ -33,9 +33,10 @@ def held_out(n: int, cfg: MegConfig | None = None) -> list:
         raise ConfigError(f"devset: --n must be 1-{len(pool) - used} (the pool has {len(pool)} pseudo-edits, "
                           f"{used} of them train the encoder or calibrate the router), got {n}")
     head = pool[:used]
-    taken = {t for e in head for t in (e.prompt, e.paraphrases[0], e.locality[0].prompt)}
-    # a tail record whose prompt or paraphrase a head record also uses would push that record out
-    free = [e for e in pool[used:] if not ({e.prompt, *e.paraphrases} & taken)]
+    taken = {t for e in head for t in (e.prompt, *e.paraphrases[:1], *(q.prompt for q in e.locality[:1]))}
+    # a tail record whose prompt or paraphrase a head record also uses would push that record out; a dev record
+    # is asked like a CounterFact one, so it needs its locality prompt
+    free = [e for e in pool[used:] if e.locality and not ({e.prompt, *e.paraphrases} & taken)]
     if n > len(free):
         raise ConfigError(f"devset: only {len(free)} pseudo-edits are free of the encoder's and router's texts, "
                           f"asked for {n}")

@@ -5,10 +5,12 @@
     python -m bench.quality --dataset counterfact --n-edits 1000 --methods meg --work-dir /tmp/w \\
         --variant meg-mlp:generator.denoiser=mlp --variant meg-frozen:encoder.trainable=none --out OUT.json
 
-Edits are applied as one batch, then every edit is evaluated (protocol: meg.evaluate), or with
-``--eval-edits M`` the first M of them (large scale series: the same questions at every size). Writes
-OUT.json ({"model", "dataset", "n_edits", "n_evaluated", "methods": {NAME: metrics}, "details": {NAME: ...}},
-percentages 0-100), the per-edit outputs beside it (OUT.records.jsonl), a self-contained HTML report
+Edits are applied as one batch, then every edit is evaluated (protocol: meg.evaluate; ``--protocol chat``:
+every probe asked as a user turn, meg.evaluate.evaluate_chat), or with ``--eval-edits M`` the first M of them
+(large scale series: the same questions at every size). Nothing the evaluation asks is fitted, trained or
+calibrated on (meg.probes); ``details.NAME.leaks`` counts what would break that, and is 0 in a clean run. Writes
+OUT.json ({"protocol", "model", "dataset", "n_edits", "n_evaluated", "methods": {NAME: metrics},
+"details": {NAME: ...}}, percentages 0-100; ``cf_score`` is CounterFact's HM(ES, PS, NS)), the per-edit outputs beside it (OUT.records.jsonl), a self-contained HTML report
 (OUT.html, plots in OUT_plots/; meg.report), and prints a table. With --mlflow ROOT (or
 MLFLOW_TRACKING_URI set) the metrics and the report are logged to one MLflow run.
 
@@ -95,6 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="only fit shard I of N of the edits, then stop (meg: neurons into --work-dir; memit, "
                         "alphaedit: z into their store): run the N shards at once (one per core), then the "
                         "evaluating run finds every edit fitted")
+    p.add_argument("--protocol", choices=["ag", "chat"], default="ag",
+                   help="ag: complete each probe (20 tokens, first line, exact match); chat: ask it as a user turn of "
+                        "the chat template (40 tokens to the end of the turn, the target stated as a whole word)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--mlflow", type=Path, default=None, help="log metrics and the report to the MLflow store here")
@@ -153,10 +158,10 @@ def fit_shard(args: argparse.Namespace, shard: tuple[int, int], loaded, edits: l
         t0 = time.time()
         if method == "meg":
             from meg import fit
-            from meg.editor import MegConfig, pseudo_pool, template_bank, with_overrides
+            from meg.editor import MegConfig, build_data, with_overrides
 
             cfg = with_overrides(MegConfig(), args.meg_settings)
-            bank = template_bank(cfg, pseudo_pool(edits), edits)
+            bank = build_data(loaded, edits, cfg).bank  # the evaluating run's: its probes are the edits' own
             report = fit.fit_edits(loaded, mine, cfg.fit, store_dir=args.work_dir / "fit", bank=bank).report()
         elif method == "grace":
             report = f"{make_editor(method).store_values(loaded, edits, shard)} values of shard {i}/{n} stored"
@@ -198,12 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.quality: the questions of the first {n_evaluated} edits are asked", flush=True)
     labels = None
     if args.work_dir:  # the pre-edit answers are kept there: a scale series asks the same questions at every size
-        labels = locality_labels(loaded, edits[: n_evaluated or len(edits)], args.batch_size, args.work_dir)
+        labels = locality_labels(loaded, edits[: n_evaluated or len(edits)], args.batch_size, args.work_dir,
+                                 args.protocol)
     result = run_methods(loaded, edits, dataset, methods, args.batch_size, editor_factory=editor_factory(args),
-                         labels=labels, n_evaluated=n_evaluated)
+                         labels=labels, n_evaluated=n_evaluated, protocol=args.protocol)
     records = result.write(args.out)
     report = write_report(args.out.parent, result.methods, result.records, confusion=result.extras,
-                          name=args.out.stem, title=f"Knowledge editing: {len(edits)} edits from {dataset}"
+                          name=args.out.stem, title=f"Knowledge editing ({args.protocol} protocol): {len(edits)} edits from {dataset}"
                           + (f", the first {n_evaluated} evaluated" if n_evaluated else ""),
                           context={"model": loaded.model_id, "dataset": dataset, "n_edits": len(edits)})
     print(result.table())

@@ -9,12 +9,17 @@ One call:
 2. with ``explain``, adds a second copy of every *routed* question with the neuron switched off, so
    the base model's answer comes out of the same batched generate (an unrouted question's answer
    already *is* the base model's: zero weights leave the model bit-identical);
-3. runs ONE left-padded greedy ``generate`` over all rows, the dynamic neuron applying each row's
-   own weights at every position of prompt and continuation;
-4. cuts every continuation at its first newline (generation stops once every row has one).
+3. runs ONE left-padded greedy ``generate`` over all rows (``meg.generation``, the path the evaluation
+   uses too), the dynamic neuron applying each row's own weights at every position of prompt and
+   continuation;
+4. completion (``chat`` off): cuts every continuation at its first newline (generation stops once every
+   row has one). Chat (the default when the base model has a chat template): each question is a user
+   turn of the chat template, routed on the question alone, answered to the end of the turn, and a
+   routed row's neuron is switched off once its answer states the routed edit's target.
 
-An answer is that first line, stripped: what the evaluation's AG protocol compares, before case
-folding and the trailing '.' it drops.
+A completion answer is that first line, stripped: what the evaluation's AG protocol compares, before
+case folding and the trailing '.' it drops; a chat answer is the assistant's turn, stripped. A question
+may also be a list of chat messages (``{"role", "content"}``): it is routed on its last user message.
 
 Two speed options (``AnswerConfig.sample_steps``, ``weight_cache="edit"``) replace step 1's weights
 by cheaper ones; they are off by default, and docs/serving.md reports their cost and effect.
@@ -28,9 +33,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from transformers import StoppingCriteria, StoppingCriteriaList
 
-from meg import neuron
+from meg import generation, neuron
 from meg.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -43,8 +47,12 @@ WEIGHT_CACHES = ("off", "edit")
 
 @dataclass
 class AnswerConfig:
-    max_new_tokens: int = 20  # tokens generated at most per answer (the evaluation protocol's 20)
-    stop_at_newline: bool = True  # stop a row at its first newline: the answer is the first line anyway
+    max_new_tokens: int | None = None  # tokens generated at most per answer (None: 20 completing, 40 in chat)
+    stop_at_newline: bool = True  # completion: stop a row at its first newline (the answer is the first line)
+    # ask each question as a user turn of the base model's chat template (None: when the tokenizer has one)
+    chat: bool | None = None
+    # switch a routed row's neuron off once its answer states the routed edit's target (None: in chat)
+    release: bool | None = None
     top_k: int = 3  # nearest edits listed by an explanation
     # Speed options (off by default: the defaults answer exactly as MeG does; docs/serving.md has their cost
     # and measured effect on answers):
@@ -62,40 +70,48 @@ class AnswerConfig:
 
         for name in ("max_new_tokens", "top_k"):
             value = getattr(self, name)
+            if value is None and name == "max_new_tokens":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"answer: bad value for '{name}': {value!r} (an integer >= 1)")
-        if not isinstance(self.stop_at_newline, bool):
-            raise ConfigError(f"answer: bad value for 'stop_at_newline': {self.stop_at_newline!r} (true or false)")
+        for name in ("stop_at_newline", "chat", "release"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name != "stop_at_newline"):
+                raise ConfigError(f"answer: bad value for '{name}': {value!r} (true or false)")
+
+    def resolved(self, tok) -> "AnswerConfig":
+        """This config with ``chat``, ``release`` and ``max_new_tokens`` decided for a tokenizer."""
+        from dataclasses import replace
+
+        chat = generation.has_chat_template(tok) if self.chat is None else self.chat
+        if chat and not generation.has_chat_template(tok):
+            raise ConfigError("answer: 'chat' is on but the base model's tokenizer has no chat template")
+        return replace(self, chat=chat, release=chat if self.release is None else self.release,
+                       max_new_tokens=self.max_new_tokens or (generation.CHAT_MAX_NEW_TOKENS if chat else 20))
 
 
-_NEWLINE_IDS: "weakref.WeakKeyDictionary[object, torch.Tensor]" = weakref.WeakKeyDictionary()
-
-
-def newline_ids(tok) -> torch.Tensor:
-    """Ids of every token whose text contains a newline (computed once per tokenizer, ~0.3 s)."""
-    ids = _NEWLINE_IDS.get(tok)
-    if ids is None:
-        texts = tok.batch_decode([[i] for i in range(len(tok))])
-        ids = torch.tensor([i for i, t in enumerate(texts) if "\n" in t], dtype=torch.long)
-        _NEWLINE_IDS[tok] = ids
-    return ids
-
-
-class NewlineStop(StoppingCriteria):
-    """Per row: done once the last generated token holds a newline (transformers pads the row after)."""
-
-    def __init__(self, tok):
-        self.ids = newline_ids(tok)
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.isin(input_ids[:, -1], self.ids.to(input_ids.device))  # (B,) bool
+newline_ids = generation.newline_ids
+NewlineStop = generation.NewlineStop
 
 
 def first_line(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
-@torch.no_grad()
+def route_text(question) -> str:
+    """What a question is routed on: itself, or a chat's last user message."""
+    return question if isinstance(question, str) else generation.last_user_turn(question)
+
+
+def render(tok, question, chat: bool) -> str:
+    """The model's input for a question: the text itself (completion) or its chat-template rendering."""
+    if chat:
+        return generation.chat_prompt(tok, question)
+    if not isinstance(question, str):
+        raise ConfigError("answer: a list of chat messages needs chat on")
+    return question
+
+
 def generate_rows(
     loaded: "LoadedModel",
     prompts: list[str],
@@ -106,34 +122,17 @@ def generate_rows(
     max_new_tokens: int = 20,
     stop_at_newline: bool = False,
     min_new_tokens: int | None = None,
+    release: list[str | None] | None = None,
+    chat: bool = False,
 ) -> list[list[int]]:
-    """Greedy continuations (new token ids) of all prompts in one batched generate.
+    """Greedy continuations (new token ids) of rendered prompts in one batched generate (``meg.generation``).
 
     ``weights`` (B, P) and ``active`` (B,) give row i its neuron at ``layer``; None runs the base model.
     ``min_new_tokens`` forces a length (benchmarks compare equal work).
     """
-    tok, model = loaded.tokenizer, loaded.model
-    if not prompts:
-        return []
-    enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)  # left-padded (lm.prepare_tokenizer)
-    extra = {"stopping_criteria": StoppingCriteriaList([NewlineStop(tok)])} if stop_at_newline else {}
-    if min_new_tokens:
-        extra["min_new_tokens"] = min_new_tokens
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                  eos_token_id=tok.eos_token_id, **extra)
-    if weights is None:
-        gen = model.generate(**enc, **kwargs)
-    else:
-        with neuron.attached_neuron(model, layer, act) as mod:
-            mod.set_weights(weights.to(model.device), None if active is None else active.to(model.device))
-            gen = model.generate(**enc, **kwargs)
-    new = gen[:, enc.input_ids.shape[1]:]  # (B, new)
-    out = []
-    for row in new.tolist():
-        while row and row[-1] == tok.pad_token_id:
-            row.pop()
-        out.append(row)
-    return out
+    return generation.generate_ids(loaded, prompts, weights, active, layer, act, max_new_tokens,
+                                   stop_at_newline=stop_at_newline, release=release,
+                                   add_special_tokens=not chat, min_new_tokens=min_new_tokens)
 
 
 def nearest_edits(model: "EditedModel", emb: torch.Tensor, k: int) -> list[list[dict]]:
@@ -194,34 +193,46 @@ def question_weights(model: "EditedModel", questions: list[str], cfg: AnswerConf
     return w, mask
 
 
-def answer_rows(model: "EditedModel", questions: list[str], explain: list[bool],
+def _answer_text(tok, ids: list[int], chat: bool) -> str:
+    text = tok.decode(ids, skip_special_tokens=True)
+    return text.strip() if chat else first_line(text)
+
+
+def answer_rows(model: "EditedModel", questions: list, explain: list[bool],
                 cfg: AnswerConfig | None = None) -> tuple[list[str], list[dict | None]]:
-    """Answers, and an explanation for every question whose ``explain`` flag is set (None for the others)."""
-    cfg = cfg or AnswerConfig()
+    """Answers, and an explanation for every question whose ``explain`` flag is set (None for the others).
+
+    A question is a string, or (chat) a list of messages routed on its last user message."""
+    tok = model.loaded.tokenizer
+    cfg = (cfg or AnswerConfig()).resolved(tok)
     n = len(questions)
     if len(explain) != n:
         raise ValueError(f"{n} questions but {len(explain)} explain flags")
     if n == 0:
         return [], []
-    w, active = question_weights(model, questions, cfg)  # (n, P), (n,)
+    routed_on = [route_text(q) for q in questions]
+    w, active = question_weights(model, routed_on, cfg)  # (n, P), (n,)
+    release = model.release_texts(routed_on) if cfg.release else None
     # explained routed questions run a second time with the neuron off: the base model's answer
     base_rows = [i for i in range(n) if explain[i] and bool(active[i])]
     base_of = {i: n + j for j, i in enumerate(base_rows)}
-    prompts = list(questions) + [questions[i] for i in base_rows]
+    rendered = [render(tok, q, cfg.chat) for q in questions]
+    prompts = rendered + [rendered[i] for i in base_rows]
     rows_w = torch.cat([w, torch.zeros(len(base_rows), w.shape[1], dtype=w.dtype)])
     rows_active = torch.cat([active, torch.zeros(len(base_rows), dtype=torch.bool)])
+    if release is not None:
+        release = list(release) + [None] * len(base_rows)
     ids = generate_rows(model.loaded, prompts, rows_w, rows_active, model.layer, model.act,
-                        cfg.max_new_tokens, cfg.stop_at_newline)
-    tok = model.loaded.tokenizer
-    texts = [first_line(tok.decode(r, skip_special_tokens=True)) for r in ids]
+                        cfg.max_new_tokens, cfg.stop_at_newline and not cfg.chat, release=release, chat=cfg.chat)
+    texts = [_answer_text(tok, r, cfg.chat) for r in ids]
     explanations: list[dict | None] = [None] * n
     asked = [i for i in range(n) if explain[i]]
     if asked:
-        emb, r, exact = model.route_exact_detail([questions[i] for i in asked])
+        emb, r, exact = model.route_exact_detail([routed_on[i] for i in asked])
         near = nearest_edits(model, emb, cfg.top_k)
         for j, i in enumerate(asked):
             explanations[i] = {
-                "question": questions[i],
+                "question": routed_on[i],
                 "routed": bool(r.mask[j]),
                 "exact": j in exact,
                 **model.why(r, j),
@@ -233,15 +244,18 @@ def answer_rows(model: "EditedModel", questions: list[str], explain: list[bool],
     return texts[:n], explanations
 
 
-def base_answer_rows(loaded: "LoadedModel", questions: list[str], explain: list[bool],
+def base_answer_rows(loaded: "LoadedModel", questions: list, explain: list[bool],
                      cfg: AnswerConfig | None = None) -> tuple[list[str], list[dict | None]]:
     """The same from the unedited model: the reference the benchmarks compare against."""
-    cfg = cfg or AnswerConfig()
-    ids = generate_rows(loaded, list(questions), max_new_tokens=cfg.max_new_tokens,
-                        stop_at_newline=cfg.stop_at_newline)
-    texts = [first_line(loaded.tokenizer.decode(r, skip_special_tokens=True)) for r in ids]
-    explanations = [{"question": q, "routed": False, "exact": False, "confidence": 0.0, "nearest_edits": [],
-                     "answer": t, "base_answer": t} if e else None for q, t, e in zip(questions, texts, explain)]
+    tok = loaded.tokenizer
+    cfg = (cfg or AnswerConfig()).resolved(tok)
+    rendered = [render(tok, q, cfg.chat) for q in questions]
+    ids = generate_rows(loaded, rendered, max_new_tokens=cfg.max_new_tokens,
+                        stop_at_newline=cfg.stop_at_newline and not cfg.chat, chat=cfg.chat)
+    texts = [_answer_text(tok, r, cfg.chat) for r in ids]
+    explanations = [{"question": route_text(q), "routed": False, "exact": False, "confidence": 0.0,
+                     "nearest_edits": [], "answer": t, "base_answer": t} if e else None
+                    for q, t, e in zip(questions, texts, explain)]
     return texts, explanations
 
 

@@ -10,14 +10,16 @@ from typing import TYPE_CHECKING, TextIO
 if TYPE_CHECKING:
     from meg.editor import EditedModel
 
-HELP = "Ask a question (the model completes it). ':explain' toggles explanations, ':quit' ends."
+HELP = ("Ask a question (a user turn of the model's chat template; with --raw the model completes it). "
+        "':explain' toggles explanations, ':quit' ends.")
 
 
-def chat_loop(model: "EditedModel", inp: TextIO, out: TextIO, explain: bool = False, max_new_tokens: int = 20,
+def chat_loop(model: "EditedModel", inp: TextIO, out: TextIO, explain: bool = False, max_new_tokens: int | None = None,
               **options) -> int:
     """Read questions from ``inp`` until ':quit' or end of input; returns how many were answered.
 
-    ``options`` are passed to ``EditedModel.answer`` (speed options of meg.answer.AnswerConfig).
+    Each question is asked on its own (routing sees it alone). ``options`` are passed to
+    ``EditedModel.answer`` (meg.answer.AnswerConfig: chat, speed options).
     """
     from meg.cli_model import format_explanation
 

@@ -30,7 +30,8 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--explain", action="store_true",
                    help="show routing, nearest edits, confidence and the base model's answer")
     a.add_argument("--json", action="store_true", help="print the service's JSON response instead of text")
-    a.add_argument("--max-new-tokens", type=int, default=20)
+    a.add_argument("--max-new-tokens", type=int, default=None, help="default: 40 in chat, 20 completing")
+    _chat_option(a)
     a.add_argument("--threads", type=int, default=None)
     _speed_options(a)
     a.set_defaults(func=_ask)
@@ -38,7 +39,8 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("chat", help="interactive questions to an edited model (':explain' toggles explanations)")
     c.add_argument("model", help="bundle directory or models:/NAME@ALIAS")
     c.add_argument("--explain", action="store_true")
-    c.add_argument("--max-new-tokens", type=int, default=20)
+    c.add_argument("--max-new-tokens", type=int, default=None, help="default: 40 in chat, 20 completing")
+    _chat_option(c)
     c.add_argument("--threads", type=int, default=None)
     _speed_options(c)
     c.set_defaults(func=_chat)
@@ -54,10 +56,21 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-queue", type=int, default=256, help="questions waiting at most (then 503)")
     s.add_argument("--max-questions", type=int, default=32, help="questions per request at most (then 413)")
     s.add_argument("--max-chars", type=int, default=2000, help="characters per question at most (then 413)")
-    s.add_argument("--max-new-tokens", type=int, default=20)
+    s.add_argument("--max-new-tokens", type=int, default=None, help="default: 40 in chat, 20 completing")
+    _chat_option(s)
     s.add_argument("--threads", type=int, default=None)
     _speed_options(s)
     s.set_defaults(func=_serve)
+
+
+def _chat_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--raw", action="store_true",
+                   help="complete the question as raw text (first line) instead of asking it as a user turn of the "
+                        "model's chat template (the default when the model has one)")
+
+
+def _answer_options(args: argparse.Namespace) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, **({"chat": False} if args.raw else {}), **_speed(args)}
 
 
 def _speed_options(p: argparse.ArgumentParser) -> None:
@@ -99,7 +112,7 @@ def _ask(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     model = open_model(args.model)
-    out = model.answer(args.questions, explain=args.explain, max_new_tokens=args.max_new_tokens, **_speed(args))
+    out = model.answer(args.questions, explain=args.explain, **_answer_options(args))
     if args.json:
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
@@ -144,8 +157,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     model = open_model(args.model)
-    chat_loop(model, sys.stdin, sys.stdout, explain=args.explain, max_new_tokens=args.max_new_tokens,
-              **_speed(args))
+    chat_loop(model, sys.stdin, sys.stdout, explain=args.explain, **_answer_options(args))
     return 0
 
 
@@ -155,6 +167,6 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = ServiceConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_questions=args.max_questions,
                         max_chars=args.max_chars, max_new_tokens=args.max_new_tokens, threads=args.threads,
-                        **_speed(args))
+                        chat=False if args.raw else None, **_speed(args))
     run_service(args.model, cfg, base_only=args.base)
     return 0

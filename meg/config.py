@@ -40,7 +40,7 @@ STAGES = ("prepare", "fit", "encoder", "router", "generator", "attach", "evaluat
 
 # What each stage reads: whole sections, or "section.key" for a single key.
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "prepare": ("base", "prepare"),
+    "prepare": ("base", "prepare", "encoder.n_pseudo", "router.n_pseudo"),
     "fit": ("base", "fit"),
     "encoder": ("base.device", "encoder"),
     "router": ("base.device", "encoder.n_pseudo", "router"),
@@ -79,10 +79,15 @@ class PrepareConfig:
     n_edits: int = 1000  # records in the slice (0: none, only the fact store)
     facts_dir: str = "facts"  # the versioned fact store under data_dir (meg facts add); read in file order
     label_batch_size: int = 32  # prompts per batch when the base model answers the locality prompts
+    # where the rewordings of edits and pseudo-edits come from (meg.rewrite): "model" (the base model writes them)
+    # or "frames" (fixed frames around the prompt, no model call: for tests on random models)
+    rewordings: str = "model"
 
     def __post_init__(self) -> None:
         from meg.facts import BENCHMARKS
 
+        if self.rewordings not in ("model", "frames"):
+            raise ConfigError(f"prepare: bad value for 'rewordings': {self.rewordings!r} (model, frames)")
         if (self.dataset, self.split) not in BENCHMARKS:
             known = ", ".join(f"{d}/{s}" for d, s in BENCHMARKS)
             raise ConfigError(f"prepare: bad value for 'dataset'/'split': {self.dataset}/{self.split} (known: {known})")
@@ -361,6 +366,8 @@ def meg_config(view: dict):
     gen.pop("warm_start", None)
     gen.pop("warm_max_steps", None)
     kw["generator"] = {**defaults.generator, **gen}
+    if "rewordings" in view.get("prepare", {}):
+        kw["rewrite"] = {**defaults.rewrite, "source": view["prepare"]["rewordings"]}
     for key in ("sample_seed", "exact_prompts"):
         if key in view.get("attach", {}):
             kw[key] = view["attach"][key]

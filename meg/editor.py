@@ -75,6 +75,9 @@ class MegConfig:
     # instead of generated ones: the stored fact is stated as fitted, and the generator's approximation error
     # only matters for other wordings. Off: every routed question gets generated weights (the paper's MeG).
     exact_prompts: bool = True
+    # overrides of meg.rewrite.RewriteConfig: the model-written rewordings of edits and pseudo-edits (the only
+    # rewordings a build fits or trains on: CounterFact's own paraphrase templates are probes, meg.probes)
+    rewrite: dict = field(default_factory=dict)
     n_pseudo_encoder: int = 5000  # train-split pseudo-edits for the encoder
     n_pseudo_calibration: int = 2000  # held-out train-split pseudo-edits for the router threshold
     sample_seed: int = 0
@@ -103,8 +106,11 @@ class EditedModel(evaluate.EditedLM):
 
     def __init__(self, loaded, layer, act, encoder, router, generator, w0, cfg: MegConfig,
                  lookup: torch.Tensor | None = None, info: dict | None = None, batch_size: int = 32,
-                 cond_encoder=None, edit_cond: torch.Tensor | None = None, edit_prompts: list[str] | None = None):
+                 cond_encoder=None, edit_cond: torch.Tensor | None = None, edit_prompts: list[str] | None = None,
+                 edit_targets: list[str] | None = None):
         super().__init__(loaded, self._weights_for, layer=layer, act=act, batch_size=batch_size)
+        # the edits' targets, by row: a routed answer's neuron is switched off once it states its edit's target
+        self.edit_targets = list(edit_targets) if edit_targets is not None else None
         self.encoder, self.router, self.generator, self.w0 = encoder, router, generator, w0
         self.cfg, self.lookup, self.info = cfg, lookup, info or {}
         # exact_prompts: normalised edit prompt -> row of ``lookup`` (the first edit of a repeated prompt)
@@ -120,8 +126,9 @@ class EditedModel(evaluate.EditedLM):
         # generator_condition "tuned+base": the base encoder, and the edit prompts' conditions (N, C')
         self.cond_encoder, self.edit_cond = cond_encoder, edit_cond
         self.extra_metrics: dict = {}
+        self.exposure = None  # meg.probes.Exposure of the build that made this model (not saved in bundles)
         self.cache_size = 8192  # prompts whose neuron weights are kept (about 4.6 KB each for SmolLM2)
-        self._cache: OrderedDict[str, tuple[torch.Tensor, bool]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[torch.Tensor, bool, int]] = OrderedDict()
 
     def route(self, prompts: list[str]):
         emb, r = self.route_detail(prompts)
@@ -190,13 +197,27 @@ class EditedModel(evaluate.EditedLM):
             if generated:
                 w[generated] = self.sample_weights([todo[i] for i in generated], emb[generated])
             for i, p in enumerate(todo):
-                self._cache[p] = (w[i], bool(mask[i]))
+                self._cache[p] = (w[i], bool(mask[i]), int(nearest[i]))
                 if len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
         hits = [self._cache[p] for p in prompts]
         for p in prompts:
             self._cache.move_to_end(p)
         return torch.stack([h[0] for h in hits]), torch.tensor([h[1] for h in hits])
+
+    def routed_edits(self, prompts: list[str]) -> list[int | None]:
+        """Per prompt, the row of the edit it is routed to, or None (routes what is not cached yet)."""
+        todo = [p for p in prompts if p not in self._cache]
+        if todo:
+            self._weights_for(todo)
+        return [self._cache[p][2] if self._cache[p][1] else None for p in prompts]
+
+    def release_texts(self, prompts: list[str]) -> list[str | None] | None:
+        """Per prompt, its routed edit's target (None when not routed, or the bundle does not know targets)."""
+        if self.edit_targets is None:
+            return None
+        return [self.edit_targets[j] if j is not None and j < len(self.edit_targets) else None
+                for j in self.routed_edits(prompts)]
 
     def explain(self, prompts: list[str]) -> list[dict]:
         _, r, exact = self.route_exact_detail(prompts)
@@ -239,6 +260,8 @@ class EditedModel(evaluate.EditedLM):
         save_file(tensors, str(tmp / "weights.safetensors"))
         if self.edit_prompts is not None:
             (tmp / "edit_prompts.json").write_text(json.dumps(self.edit_prompts, ensure_ascii=False))
+        if self.edit_targets is not None:
+            (tmp / "edit_targets.json").write_text(json.dumps(self.edit_targets, ensure_ascii=False))
         manifest = {
             "format": BUNDLE_FORMAT,
             "base_model": self.loaded.model_id,
@@ -301,20 +324,24 @@ class EditedModel(evaluate.EditedLM):
                               "(cond_encoder/ and edit_cond in weights.safetensors)")
         prompts_file = bundle / "edit_prompts.json"
         edit_prompts = json.loads(prompts_file.read_text(encoding="utf-8")) if prompts_file.is_file() else None
+        targets_file = bundle / "edit_targets.json"
+        edit_targets = json.loads(targets_file.read_text(encoding="utf-8")) if targets_file.is_file() else None
         if cfg.uses_exact and (edit_prompts is None or "lookup" not in tensors):
             raise BundleError(f"{bundle}: exact_prompts is on but the bundle lacks edit_prompts.json or the "
                               "fitted weights (lookup in weights.safetensors)")
         return cls(loaded, manifest["layer"], manifest["act"], encoder, router, generator, tensors["w0"], cfg,
                    lookup=tensors.get("lookup"), info=manifest.get("info"), cond_encoder=cond_encoder,
-                   edit_cond=tensors.get("edit_cond"), edit_prompts=edit_prompts)
+                   edit_cond=tensors.get("edit_cond"), edit_prompts=edit_prompts, edit_targets=edit_targets)
 
     # ---- using the edited model (meg.answer) ----------------------------------------------------
 
-    def answer(self, questions: list[str], explain: bool = False, max_new_tokens: int = evaluate.MAX_NEW_TOKENS,
+    def answer(self, questions: list, explain: bool = False, max_new_tokens: int | None = None,
                **options) -> dict:
         """``{"answers": [...]}`` (+ ``"explanations"``): what the CLI, the service and the pyfunc model return.
 
-        ``options`` are further ``meg.answer.AnswerConfig`` fields (stop_at_newline, sample_steps, weight_cache).
+        Each question is asked as a user turn of the base model's chat template when it has one (``chat=False``:
+        completed as raw text); a question may be a list of chat messages. ``options`` are further
+        ``meg.answer.AnswerConfig`` fields (chat, release, stop_at_newline, sample_steps, weight_cache).
         """
         from meg.answer import AnswerConfig, answer
 
@@ -381,37 +408,49 @@ class MegEditor(evaluate.Editor):
         self.progress = progress
 
     def apply(self, loaded: lm.LoadedModel, edits: "list[EditRequest]") -> EditedModel:
-        model = build(loaded, edits, self.cfg, self.work_dir, self.progress)
+        model = build(loaded, edits, self.cfg, self.work_dir, self.progress, probes=self.probes)
         model.extra_metrics = {
             "timings": model.info.get("timings", {}),
             "fit": model.info.get("fit"),
+            "n_pseudo_pool": model.info.get("n_pseudo_pool"),
+            "n_rewordings": model.info.get("n_rewordings"),
             "calibration": model.info.get("calibration"),
             "router_confusion": router_confusion(model, edits, template_bank_of(edits)),
         }
         return model
 
 
-def pseudo_pool(edits: "list[EditRequest]") -> list:
+def pseudo_pool(edits: "list[EditRequest]", blocklist=None) -> list:
     """Pseudo-edits: CounterFact *train* records sharing no key and no text with any benchmark edit
-    (every record of the CounterFact edit split and of ZsRE, edited or not) nor with this edit set.
+    (every record of the CounterFact edit split and of ZsRE, edited or not, probes included) nor with this
+    edit set, and holding no text of ``blocklist`` (``meg.probes``: what the evaluation will ask).
 
     They train the encoder and calibrate the router; the evaluated edits never enter either.
     Excluding every benchmark edit, not only the edited ones, keeps the pool (so the encoder's
     training pairs and the calibration set) the same when benchmark facts are added to an edit set;
-    only user facts that collide with a train record shrink it.
+    only user facts that collide with a train record shrink it. Their paraphrases are still
+    CounterFact's: ``with_rewordings`` swaps each for a model-written rewording before any use.
     """
     keys, texts = _keys_and_texts(edits)
-    return [e for e in _benchmark_free_pool() if not _collides(e, keys, texts)]
+    blocked = blocklist.texts if blocklist is not None else frozenset()
+    return [_without_blocked_locality(e, blocked) for e in _benchmark_free_pool()
+            if not _collides(e, keys, texts) and not _holds(e, blocked)]
 
 
 @functools.lru_cache(maxsize=1)
 def _benchmark_free_pool() -> tuple:
+    """CounterFact train records sharing no key, prompt or paraphrase with a benchmark edit, and no prompt or
+    paraphrase with a benchmark probe; a record whose locality prompt is a benchmark probe keeps no locality
+    prompt (CounterFact's neighbourhood prompts repeat across splits: 28% of the train records' are
+    evaluated ones)."""
     from meg.facts import BENCHMARKS, load_benchmark
+    from meg.probes import benchmark_blocklist
 
     keys, texts = _keys_and_texts([e for name, split in BENCHMARKS if split != "train"
                                    for e in load_benchmark(name, split)])
-    return tuple(e for e in load_benchmark("counterfact", "train")
-                 if e.paraphrases and e.locality and not _collides(e, keys, texts))
+    probes = benchmark_blocklist().texts
+    return tuple(_without_blocked_locality(e, probes) for e in load_benchmark("counterfact", "train")
+                 if e.paraphrases and e.locality and not _collides(e, keys, texts) and not _holds(e, probes))
 
 
 def _keys_and_texts(edits) -> tuple[set[str], set[str]]:
@@ -420,8 +459,95 @@ def _keys_and_texts(edits) -> tuple[set[str], set[str]]:
 
 
 def _collides(record, keys: set[str], texts: set[str]) -> bool:
-    return record.content_key in keys or bool({record.prompt, record.paraphrases[0],
-                                               record.locality[0].prompt} & texts)
+    own = {record.prompt, *record.paraphrases[:1], *(q.prompt for q in record.locality[:1])}
+    return record.content_key in keys or bool(own & texts)
+
+
+def _holds(record, blocked: frozenset) -> bool:
+    """Whether a pool record's prompt or paraphrase is a blocked text (``meg.probes.norm_text`` form)."""
+    from meg.probes import norm_text
+
+    return any(norm_text(t) in blocked for t in (record.prompt, *record.paraphrases[:1]))
+
+
+def _without_blocked_locality(record, blocked: frozenset):
+    """The record, without its locality prompt when that is a blocked text."""
+    import dataclasses
+
+    from meg.probes import norm_text
+
+    if record.locality and norm_text(record.locality[0].prompt) in blocked:
+        return dataclasses.replace(record, locality=())
+    return record
+
+
+def build_blocklist(edits: "list[EditRequest]", probes=None):
+    """What a build of ``edits`` must not fit, train or calibrate on: the benchmark probes, the probes the
+    evaluation asks of ``edits`` (their first paraphrase and locality prompt) and the given ``probes``."""
+    from meg.probes import Blocklist, benchmark_blocklist
+
+    return benchmark_blocklist() | Blocklist.of_probes(edits) | (probes or Blocklist())
+
+
+def rewordings_for(loaded: lm.LoadedModel, cfg: MegConfig, blocklist, progress: bool = True,
+                   cache_dir: Path | None = None):
+    """The model-written rewordings of a build (``meg.rewrite.Rewordings``), filtered by ``blocklist``."""
+    from meg.rewrite import RewriteConfig, Rewordings, Rewriter
+
+    rewriter = Rewriter(loaded, RewriteConfig(**cfg.rewrite), cache_dir=cache_dir, progress=progress)
+    return Rewordings(rewriter, blocklist, base_encoder(cfg).encode)
+
+
+def with_rewordings(pool: list, rewordings, n_needed: int | None = None) -> list:
+    """The pool with each record's paraphrase a rewording it may be trained on: its own when the blocklist
+    allows it, else a model-written one (the record's index picks among its template's, so records of one
+    template do not all get the same). Records left with none are dropped. Once ``n_needed`` records have
+    one, the rest keep their prompt only (no paraphrase: they are filler and statements, never pairs), so
+    only the templates of the records used are rewritten."""
+    import dataclasses
+
+    out: list = []
+    n_pairs, start, block = 0, 0, 256
+    while start < len(pool) and (n_needed is None or n_pairs < n_needed):
+        part = pool[start : start + block]
+        rewordings.prepare((e.prompt, e.subject, _answers(e)) for e in part)
+        for e in part:
+            if n_needed is not None and n_pairs >= n_needed:
+                out.append(dataclasses.replace(e, paraphrases=()))
+                continue
+            own = e.paraphrases[0]
+            if not rewordings.blocklist.blocks_rewording(own, e.subject):
+                out.append(e)
+            else:
+                found = rewordings.of(e.prompt, e.subject, 8, _answers(e))
+                if not found:
+                    continue
+                out.append(dataclasses.replace(e, paraphrases=(found[(start + len(out)) % len(found)],)))
+            n_pairs += 1
+        start += block
+    out.extend(dataclasses.replace(e, paraphrases=()) for e in pool[start:])
+    return out
+
+
+def split_pool(pool: list) -> tuple[list, list]:
+    """(pseudo-edits with a paraphrase: pairs for the encoder and calibration, in order; the others)."""
+    return [e for e in pool if e.paraphrases], [e for e in pool if not e.paraphrases]
+
+
+def edit_rewordings(edits: "list[EditRequest]", rewordings, n: int, user_paraphrases: bool = True) -> dict[str, list[str]]:
+    """Per edit prompt, the rewordings its neuron may be fitted on: the fact file's own further paraphrases
+    (all but the first, which the evaluation asks) that the blocklist allows, then model-written ones."""
+    rewordings.prepare((e.prompt, e.subject, _answers(e)) for e in edits)
+    out: dict[str, list[str]] = {}
+    for e in edits:
+        given = [p for p in e.paraphrases[1:] if user_paraphrases
+                 and not rewordings.blocklist.blocks_rewording(p, e.subject)]
+        out.setdefault(e.prompt, given + rewordings.of(e.prompt, e.subject, n, _answers(e)))
+    return out
+
+
+def _answers(e) -> tuple[str, ...]:
+    return tuple(a for a in (e.target_new, e.target_old) if a)
 
 
 def template_bank_of(edits: "list[EditRequest]"):
@@ -431,14 +557,18 @@ def template_bank_of(edits: "list[EditRequest]"):
     return TemplateBank.from_records(pseudo_pool(edits))
 
 
-def template_bank(cfg: MegConfig, pool: list, edits: "list[EditRequest]" = ()):
-    """Relation rewordings learned from the pseudo-edits and, with ``fit.edit_templates``, from the
-    edit set's same-subject prompts (None when neither fitting nor the generator uses them)."""
+def template_bank(cfg: MegConfig, pool: list, edits: "list[EditRequest]" = (), blocklist=None,
+                  rewordings: dict[str, list[str]] | None = None):
+    """Relation rewordings for fitting: the edits' own (``rewordings``: ``edit_rewordings``), those learned
+    from the pseudo-edits (whose paraphrases are rewordings, ``with_rewordings``) and, with
+    ``fit.edit_templates``, from the edit set's same-subject prompts; nothing ``blocklist`` blocks. None when
+    neither fitting nor the generator uses them."""
     from meg.augment import TemplateBank
 
     if not (cfg.fit.uses_bank or cfg.generator_variants):
         return None
-    bank = TemplateBank.from_records(pool)
+    bank = TemplateBank.from_records(pool, blocklist)
+    bank.rewordings = dict(rewordings or {})
     if edits and cfg.fit.edit_templates > 0:
         bank.link_same_subject(edits, base_encoder(cfg).encode, cfg.fit.edit_templates)
     return bank
@@ -458,18 +588,37 @@ def _frozen_encoder(names: tuple, device: str):
     return QueryEncoder(EncoderConfig(**dict(names), trainable="none", device=device))
 
 
+def encoder_triples(cfg: MegConfig, pool: list) -> tuple[list[str], list[str], list[list[str]]]:
+    """(anchors, positives, hard negatives) the query encoder is fine-tuned on: the first
+    ``n_pseudo_encoder`` pseudo-edits' prompts, their paraphrases (rewordings, ``with_rewordings``), their
+    locality prompts and, with ``same_subject_negatives``, a question on the subject from another relation."""
+    from meg.augment import TemplateBank
+    from meg.encoder import EncoderConfig
+
+    enc_cfg = EncoderConfig(**{"device": cfg.device, **cfg.encoder})
+    train = split_pool(pool)[0][: cfg.n_pseudo_encoder]
+    negatives = [[e.locality[0].prompt] if e.locality else [] for e in train]
+    if enc_cfg.same_subject_negatives:  # templates of the training pairs only: calibration's stay unseen
+        bank = TemplateBank.from_records(train)
+        for i, e in enumerate(train):
+            q = bank.other_relation(e.prompt, e.subject, i)
+            if q:
+                negatives[i].append(q)
+    return [e.prompt for e in train], [e.paraphrases[0] for e in train], negatives
+
+
 def encoder_for(cfg: MegConfig, pool: list, progress: bool = True, cache_root: Path | None = None):
-    """The query encoder, fine-tuned on pseudo-edits; cached by config and training pairs.
+    """The query encoder, fine-tuned on pseudo-edits; cached by config and every training text.
 
     The cache lives under ``cache_root`` (default ``$MEG_HOME/encoders``): the encoder does not
-    depend on the edit set, so every build with the same settings reuses it.
+    depend on the edit set, so every build with the same settings and pseudo-edits reuses it.
     """
     from meg.encoder import EncoderConfig, QueryEncoder
 
     enc_cfg = EncoderConfig(**{"device": cfg.device, **cfg.encoder})
-    train = pool[: cfg.n_pseudo_encoder]
-    key = hashlib.sha256(json.dumps({"cfg": asdict(enc_cfg), "pairs": [e.content_key for e in train]},
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    anchors, positives, negatives = encoder_triples(cfg, pool)
+    key = hashlib.sha256(json.dumps({"cfg": asdict(enc_cfg), "triples": [anchors, positives, negatives]},
+                                    sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
     cache = (cache_root or lm.meg_home() / "encoders") / key
     if cache.is_dir():
         try:
@@ -478,14 +627,7 @@ def encoder_for(cfg: MegConfig, pool: list, progress: bool = True, cache_root: P
             pass
     encoder = QueryEncoder(enc_cfg)
     if enc_cfg.trainable != "none":
-        negatives = [[e.locality[0].prompt] for e in train]
-        if enc_cfg.same_subject_negatives:  # templates of the training pairs only: calibration's stay unseen
-            from meg.augment import TemplateBank
-
-            bank = TemplateBank.from_records(train)
-            for i, e in enumerate(train):
-                negatives[i].append(bank.other_relation(e.prompt, e.subject, i))
-        encoder.finetune([e.prompt for e in train], [e.paraphrases[0] for e in train], negatives, progress=progress)
+        encoder.finetune(anchors, positives, negatives, progress=progress)
     encoder.save(cache)
     return encoder
 
@@ -500,14 +642,15 @@ def calibration_set(cfg: MegConfig, pool: list, bank=None):
     from meg.router import PseudoEdits
 
     bank = bank or TemplateBank.from_records(pool)
-    calib = pool[cfg.n_pseudo_encoder : cfg.n_pseudo_encoder + cfg.n_pseudo_calibration]
-    # padding up to the edit count: the encoder's pseudo-edits, then those no stage uses
-    filler = pool[: cfg.n_pseudo_encoder] + pool[cfg.n_pseudo_encoder + cfg.n_pseudo_calibration :]
+    paired, unpaired = split_pool(pool)
+    calib = paired[cfg.n_pseudo_encoder : cfg.n_pseudo_encoder + cfg.n_pseudo_calibration]
+    # padding up to the edit count: the encoder's pseudo-edits, then those no stage uses (prompts only)
+    filler = paired[: cfg.n_pseudo_encoder] + paired[cfg.n_pseudo_encoder + cfg.n_pseudo_calibration :] + unpaired
     same = [(i, bank.other_relation(e.prompt, e.subject, i)) for i, e in enumerate(calib)]
     return PseudoEdits(
         prompts=tuple(e.prompt for e in calib),
         paraphrases=tuple(e.paraphrases[0] for e in calib),
-        unrelated=tuple(e.locality[0].prompt for e in calib),
+        unrelated=tuple(e.locality[0].prompt for e in calib if e.locality),
         filler=tuple(e.prompt for e in filler),
         subjects=tuple(e.subject for e in calib),
         filler_subjects=tuple(e.subject for e in filler),
@@ -534,8 +677,9 @@ def fit_router(cfg: MegConfig, encoder, edits: "list[EditRequest]", pseudo):
     return build_router(rcfg, encoder.encode, [e.prompt for e in edits], pseudo, [e.subject for e in edits])
 
 
-def generator_pairs(cfg: MegConfig, edits: "list[EditRequest]", encoder, bank) -> tuple[torch.Tensor, list[int]]:
-    """The generator's conditions (M, C) and, per condition, the index of the edit whose weights it maps to.
+def generator_pairs(cfg: MegConfig, edits: "list[EditRequest]", encoder, bank, with_texts: bool = False):
+    """The generator's conditions (M, C) and, per condition, the index of the edit whose weights it maps to
+    (and, ``with_texts``, the condition texts).
 
     Every edit prompt is a condition (the first N rows, in edit order); with ``generator_variants``
     its rewordings from the template bank are too (they map to the same fitted weights).
@@ -559,7 +703,8 @@ def generator_pairs(cfg: MegConfig, edits: "list[EditRequest]", encoder, bank) -
                 taken.add(key)
                 cond_texts.append(v)
                 rows.append(i)
-    return join_conditions(encoder.encode(cond_texts), condition_encoder(cfg), cond_texts), rows
+    cond = join_conditions(encoder.encode(cond_texts), condition_encoder(cfg), cond_texts)
+    return (cond, rows, cond_texts) if with_texts else (cond, rows)
 
 
 def condition_encoder(cfg: MegConfig):
@@ -588,15 +733,63 @@ def train_generator(cfg: MegConfig, cond: torch.Tensor, weights: torch.Tensor, w
     return generator
 
 
+@dataclass
+class BuildData:
+    """What a build fits and trains on besides the edits: the blocklist, the pseudo-edits (paraphrases
+    swapped for rewordings), the edits' rewordings and the template bank."""
+
+    blocklist: object  # meg.probes.Blocklist
+    pool: list
+    rewordings: dict[str, list[str]]
+    bank: object  # meg.augment.TemplateBank or None
+
+
+def build_data(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfig, probes=None,
+               progress: bool = True, cache_dir: Path | None = None) -> BuildData:
+    """The blocklist (``build_blocklist``), the pseudo-edit pool with model-written paraphrases, the edits'
+    rewordings and the template bank of one build; the same for the in-memory build and the pipeline."""
+    blocklist = build_blocklist(edits, probes)
+    rw = rewordings_for(loaded, cfg, blocklist, progress, cache_dir)
+    pool = with_rewordings(pseudo_pool(edits, blocklist), rw, cfg.n_pseudo_encoder + cfg.n_pseudo_calibration)
+    n = max(cfg.fit.n_variants, 8 if cfg.generator_variants else 0)
+    rewordings = edit_rewordings(edits, rw, n) if n else {}
+    return BuildData(blocklist, pool, rewordings, template_bank(cfg, pool, edits, blocklist, rewordings))
+
+
+def build_exposure(edits: "list[EditRequest]", cfg: MegConfig, data: BuildData, contexts: dict[str, list[str]],
+                   pseudo=None, generator_texts: list[tuple[str, str | None]] = ()):
+    """The ``meg.probes.Exposure`` of a build: what the neurons were fitted on, the encoder's training texts,
+    the router's calibration texts and the generator's rewording conditions."""
+    from meg.probes import Exposure
+
+    exp = Exposure(fitted=dict(contexts))
+    anchors, positives, negatives = encoder_triples(cfg, data.pool)
+    if cfg.encoder.get("trainable", "all") != "none":
+        train = split_pool(data.pool)[0][: cfg.n_pseudo_encoder]
+        exp.add_seen(anchors)
+        exp.add_seen(t for ns in negatives for t in ns)
+        exp.add_rewordings(zip(positives, (e.subject for e in train)))
+    if pseudo is not None:
+        exp.add_seen([*pseudo.prompts, *pseudo.unrelated, *pseudo.filler, *pseudo.same_subject])
+        exp.add_rewordings(zip(pseudo.paraphrases, pseudo.subjects or [None] * len(pseudo.paraphrases)))
+    exp.add_rewordings(generator_texts)
+    return exp
+
+
 def build(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfig,
-          work_dir: Path | None = None, progress: bool = True) -> EditedModel:
+          work_dir: Path | None = None, progress: bool = True, probes=None) -> EditedModel:
     """Fit, encode, route, generate: the whole MeG build for one edit set, in memory.
 
-    The pipeline stages run the same steps one by one with files in between.
+    ``probes`` (a ``meg.probes.Blocklist``) is what the evaluation will ask besides the edits' own first
+    paraphrase and locality prompt; nothing of it, nor of the benchmarks' probes, is fitted, trained or
+    calibrated on. The model's ``exposure`` records what was. The pipeline stages run the same steps one by
+    one with files in between.
     """
     timings: dict[str, float] = {}
-    pool = pseudo_pool(edits)
-    bank = template_bank(cfg, pool, edits)
+    t0 = time.time()
+    data = build_data(loaded, edits, cfg, probes, progress)
+    pool, bank = data.pool, data.bank
+    timings["rewrite_seconds"] = time.time() - t0
 
     t0 = time.time()
     fitted = fit.fit_edits(loaded, edits, cfg.fit, store_dir=work_dir / "fit" if work_dir else None,
@@ -608,13 +801,16 @@ def build(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfig,
     timings["encoder_seconds"] = time.time() - t0
 
     t0 = time.time()
-    router, calibration = fit_router(cfg, encoder, edits, calibration_set(cfg, pool, bank))
+    pseudo = calibration_set(cfg, pool, bank) if cfg.router != "off" else None
+    router, calibration = fit_router(cfg, encoder, edits, pseudo)
     timings["router_seconds"] = time.time() - t0
 
     t0 = time.time()
     generator, cond_encoder, edit_cond = None, None, None
+    generator_texts: list[tuple[str, str | None]] = []
     if cfg.weights == "generator":
-        cond, rows = generator_pairs(cfg, edits, encoder, bank)
+        cond, rows, texts = generator_pairs(cfg, edits, encoder, bank, with_texts=True)
+        generator_texts = [(t, edits[r].subject) for t, r in zip(texts[len(edits):], rows[len(edits):])]
         generator = train_generator(cfg, cond, fitted.weights[rows], fitted.w0,
                                     ckpt_dir=_generator_ckpt_dir(cfg, edits, work_dir), progress=progress)
         cond_encoder = condition_encoder(cfg)
@@ -628,10 +824,16 @@ def build(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfig,
         "timings": timings,
         "edit_ids": [e.id for e in edits],
     }
+    exposure = build_exposure(edits, cfg, data, fitted.contexts, pseudo, generator_texts)
+    info["leaks"] = exposure.leaks(edits)
+    info["n_pseudo_pool"] = len(pool)
+    info["n_rewordings"] = sum(len(v) for v in data.rewordings.values())
     lookup, prompts = bundle_lookup(cfg, fitted.weights, edits)
-    return EditedModel(loaded, fitted.layer, cfg.fit.act, encoder, router, generator, fitted.w0, cfg,
-                       lookup=lookup, info=info, cond_encoder=cond_encoder, edit_cond=edit_cond,
-                       edit_prompts=prompts)
+    model = EditedModel(loaded, fitted.layer, cfg.fit.act, encoder, router, generator, fitted.w0, cfg,
+                        lookup=lookup, info=info, cond_encoder=cond_encoder, edit_cond=edit_cond,
+                        edit_prompts=prompts, edit_targets=[e.target_new for e in edits])
+    model.exposure = exposure
+    return model
 
 
 def bundle_lookup(cfg: MegConfig, weights: torch.Tensor, edits: "list[EditRequest]"):

@@ -15,7 +15,10 @@ Protocol (every number says which one it uses):
 - CounterFact probability comparisons (looser): efficacy / paraphrase success = share of prompts
   where the mean per-token log-probability of the new target beats the old one; neighborhood
   success = share of locality prompts where the locality answer beats the new target. Only for
-  edits that have an old target.
+  edits that have an old target. **cf_score** = CounterFact's own score, the harmonic mean of ES,
+  PS and NS (the field's headline number, reported beside ours).
+- A locality prompt that is itself the prompt of an edit in the edit set asks an edited fact: its
+  answer is meant to change, so it is not asked as locality (``skip_locality``; the count is reported).
 
 Every editor implements ``Editor.apply(loaded, edits) -> EditedLM``; an ``EditedLM`` generates and
 scores batches of prompts and ``close()`` puts the base model back as it was. Batches are sorted
@@ -33,7 +36,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from meg import lm, neuron, textbatch
+from meg import generation, lm, neuron, textbatch
 
 if TYPE_CHECKING:
     from meg.facts import EditRequest
@@ -118,64 +121,72 @@ class EditedLM:
         for i in starts:
             yield order[i : i + self.batch_size]
 
+    def release_texts(self, prompts: list[str]) -> list[str | None] | None:
+        """Per prompt, the text after which its neuron is switched off (``meg.generation``); None: never."""
+        return None
+
+    def render(self, prompts: list[str], chat: bool) -> list[str]:
+        """The model's inputs for ``prompts``: as they are, or with ``chat`` each as a user turn of the chat template."""
+        return [generation.chat_prompt(self.loaded.tokenizer, p) for p in prompts] if chat else list(prompts)
+
     @torch.no_grad()
     def generate_ids(
         self,
         prompts: list[str],
         max_new_tokens: int = MAX_NEW_TOKENS,
         expected: list[str | None] | None = None,
+        chat: bool = False,
+        release: bool = False,
     ) -> list[list[int]]:
         """Greedy continuations (token ids, without the prompt) in the order of ``prompts``.
 
         With ``expected`` (one normalised answer or None per prompt), a row stops as soon as its AG
         outcome is decided (``answer_decided``): at the first newline, or once the text can no
         longer match. The AG metrics are the same as with full-length generation; the decoded
-        outputs are shorter.
+        outputs are shorter. ``chat``: each prompt is a question asked as a user turn (routed on the
+        question); a row ends at the end of the turn. ``release``: a row's neuron is switched off once
+        its answer states the text ``release_texts`` gives it (meg.generation).
         """
-        tok, model = self.loaded.tokenizer, self.loaded.model
         out: list[list[int]] = [[] for _ in prompts]
-        with self._neuron_ctx() as neuron_mod:
-            for idx in self._batches(len(prompts), key=lambda i: len(prompts[i]), desc="generate"):
-                batch_prompts = [prompts[i] for i in idx]
-                enc = tok(batch_prompts, return_tensors="pt", padding=True).to(model.device)
-                self._set(neuron_mod, batch_prompts)
-                stop = None
-                if expected is not None:
-                    stop = [_AnswerStop(tok, enc.input_ids.shape[1], [expected[i] for i in idx])]
-                gen = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id,
-                    stopping_criteria=stop,
-                )
-                new = gen[:, enc.input_ids.shape[1] :]
-                for row, i in enumerate(idx):
-                    ids = new[row].tolist()
-                    while ids and ids[-1] == tok.pad_token_id:
-                        ids.pop()
-                    out[i] = ids
+        for idx in self._batches(len(prompts), key=lambda i: len(prompts[i]), desc="generate"):
+            questions = [prompts[i] for i in idx]
+            w = active = rel = None
+            if self.weights_fn is not None:
+                w, active = self.weights_fn(questions)
+                rel = self.release_texts(questions) if release else None
+            decided = None
+            if expected is not None:
+                want = [expected[i] for i in idx]
+                decided = lambda text, row, want=want: answer_decided(text, want[row])  # noqa: E731
+            ids = generation.generate_ids(self.loaded, self.render(questions, chat), w, active, self.layer, self.act,
+                                          max_new_tokens, decided=decided, release=rel, add_special_tokens=not chat)
+            for row, i in enumerate(idx):
+                out[i] = ids[row]
         return out
 
     def generate(
-        self, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS, expected: list[str | None] | None = None
+        self, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS, expected: list[str | None] | None = None,
+        chat: bool = False, release: bool = False,
     ) -> list[str]:
         tok = self.loaded.tokenizer
-        ids = self.generate_ids(prompts, max_new_tokens, expected)
+        ids = self.generate_ids(prompts, max_new_tokens, expected, chat=chat, release=release)
         return [tok.decode(i, skip_special_tokens=True) for i in ids]
 
     @torch.no_grad()
-    def score_ids(self, prompts: list[str], target_ids: list[list[int]]) -> tuple[list[float], list[float]]:
-        """Teacher-forced (token accuracy, mean token log-prob) of each target after its prompt."""
+    def score_ids(self, prompts: list[str], target_ids: list[list[int]],
+                  chat: bool = False) -> tuple[list[float], list[float]]:
+        """Teacher-forced (token accuracy, mean token log-prob) of each target after its prompt (``chat``: after
+        the prompt asked as a user turn, routed on the prompt)."""
         tok = self.loaded.tokenizer
         acc: list[float] = [0.0] * len(prompts)
         logp: list[float] = [0.0] * len(prompts)
         with self._neuron_ctx() as neuron_mod:
             for idx in self._batches(len(prompts), key=lambda i: len(prompts[i]), desc="score"):
-                batch = textbatch.encode_ids(tok, [prompts[i] for i in idx], [target_ids[i] for i in idx])
+                questions = [prompts[i] for i in idx]
+                batch = textbatch.encode_ids(tok, self.render(questions, chat), [target_ids[i] for i in idx],
+                                             add_special_tokens=not chat)
                 batch = batch.to(self.loaded.model.device)
-                self._set(neuron_mod, [prompts[i] for i in idx])
+                self._set(neuron_mod, questions)
                 logits = textbatch.logits_at(self.loaded.model, batch)
                 correct = (logits.argmax(-1) == batch.labels).float()
                 lp = torch.log_softmax(logits, -1).gather(1, batch.labels[:, None]).squeeze(1)
@@ -191,29 +202,31 @@ class EditedLM:
         return self.score_ids(prompts, ids)
 
 
-class _AnswerStop:
-    """Stopping criterion: a row is done once its AG outcome is decided (see ``answer_decided``)."""
-
-    def __init__(self, tok, prompt_len: int, expected: list[str | None]):
-        self.tok, self.prompt_len, self.expected = tok, prompt_len, expected
-        self.done = torch.zeros(len(expected), dtype=torch.bool)
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        new = input_ids[:, self.prompt_len :]
-        for row in (~self.done).nonzero().flatten().tolist():
-            text = self.tok.decode(new[row], skip_special_tokens=True)
-            self.done[row] = answer_decided(text, self.expected[row])
-        return self.done.to(input_ids.device).clone()
-
-
 class Editor(ABC):
-    """Applies a list of edits to a base model."""
+    """Applies a list of edits to a base model.
+
+    ``probes`` (a ``meg.probes.Blocklist``, set by the harness before ``apply``) is what the evaluation will
+    ask: an editor that fits, trains or calibrates on anything besides the edit prompts keeps it out.
+    ``tuning_texts`` are the texts its settings were chosen on (pseudo-edits), for the leak counters.
+    """
 
     name: str = "editor"
+    probes = None
 
     @abstractmethod
     def apply(self, loaded: lm.LoadedModel, edits: "list[EditRequest]") -> EditedLM:
         """Edit the model; the returned object's ``close()`` restores the base model."""
+
+    def tuning_texts(self) -> list[str]:
+        return []
+
+    def exposure(self, edited: EditedLM, edits: "list[EditRequest]"):
+        """What this edit of ``edits`` fitted, trained or calibrated on (``meg.probes.Exposure``): by default
+        each edit's prompt and the tuning texts; an edited model that records its own wins."""
+        from meg.probes import prompt_only_exposure
+
+        own = getattr(edited, "exposure", None)
+        return own if own is not None else prompt_only_exposure(edits, self.tuning_texts())
 
 
 class NoEdit(Editor):
@@ -223,6 +236,11 @@ class NoEdit(Editor):
 
     def apply(self, loaded, edits):
         return EditedLM(loaded)
+
+    def exposure(self, edited, edits):
+        from meg.probes import Exposure
+
+        return Exposure()
 
 
 @dataclass
@@ -242,10 +260,16 @@ def _answer_ids(tok, ids: list[int]) -> list[int]:
     return ids if ids else [tok.eos_token_id]
 
 
-def locality_labels(base: EditedLM, edits: "list[EditRequest]") -> LocalityLabels:
+def locality_labels(base: EditedLM, edits: "list[EditRequest]", protocol: str = "ag") -> LocalityLabels:
+    """The unedited model's answers to the locality prompts: first lines (``ag``), or whole chat answers
+    (``chat``: each prompt asked as a user turn, up to ``CHAT_MAX_NEW_TOKENS``, to the end of the turn)."""
     prompts = [e.locality[0].prompt if e.locality else e.prompt for e in edits]
-    gen = base.generate_ids(prompts, expected=[None] * len(prompts))  # the first line is all that counts
     tok = base.loaded.tokenizer
+    if protocol == "chat":
+        gen = base.generate_ids(prompts, generation.CHAT_MAX_NEW_TOKENS, chat=True)
+        return LocalityLabels(prompts=prompts, texts=[tok.decode(g, skip_special_tokens=True) for g in gen],
+                              token_ids=[[t for t in g if t != tok.eos_token_id] or [tok.eos_token_id] for g in gen])
+    gen = base.generate_ids(prompts, expected=[None] * len(prompts))  # the first line is all that counts
     return LocalityLabels(
         prompts=prompts,
         texts=[tok.decode(g, skip_special_tokens=True) for g in gen],
@@ -266,8 +290,79 @@ def harmonic_mean(values: list[float]) -> float:
     return statistics.harmonic_mean(values)
 
 
-def evaluate(model: EditedLM, edits: "list[EditRequest]", labels: LocalityLabels) -> EvalResult:
-    """All metrics for one edited model; percentages 0-100."""
+def edited_locality(edits: "list[EditRequest]", applied: "list[EditRequest]") -> list[bool]:
+    """Per evaluated edit: whether its locality prompt is the prompt of an applied edit (an edited fact, whose
+    answer is meant to change: not asked as locality)."""
+    from meg.probes import norm_text
+
+    prompts = {norm_text(e.prompt) for e in applied}
+    return [bool(e.locality) and norm_text(e.locality[0].prompt) in prompts for e in edits]
+
+
+def chat_answer(text: str) -> str:
+    """A chat answer as compared for locality: whitespace collapsed, case-folded."""
+    return " ".join(text.split()).casefold()
+
+
+def evaluate_chat(model: EditedLM, edits: "list[EditRequest]", labels: LocalityLabels,
+                  skip_locality: list[bool] | None = None) -> EvalResult:
+    """The chat protocol: every probe asked as a user turn of the chat template, answered freely (greedy, up
+    to ``CHAT_MAX_NEW_TOKENS``, to the end of the turn). An edit prompt or paraphrase is right when the answer
+    states the new target (``generation.states``: case-folded, as a whole word); a locality prompt is kept
+    when the answer equals the unedited model's chat answer (``labels`` of protocol "chat"). TF: the target's
+    tokens (no leading space: an answer starts the turn) and the unedited answer's tokens, teacher-forced after
+    the rendered prompt. ``repeats``: the share of edit-prompt and paraphrase answers stating the target three
+    times or more (an answer should read as one). A routed question's neuron is switched off once its answer
+    states the routed edit's target (``release``)."""
+    t0 = time.time()
+    n = len(edits)
+    prompts = [e.prompt for e in edits]
+    paras = [e.paraphrases[0] if e.paraphrases else e.prompt for e in edits]
+    targets = [e.target_new for e in edits]
+    texts = model.generate(prompts + paras + labels.prompts, generation.CHAT_MAX_NEW_TOKENS, chat=True, release=True)
+    rel_txt, gen_txt, loc_txt = texts[:n], texts[n : 2 * n], texts[2 * n :]
+    rel_ag = [generation.states(t, w) for t, w in zip(rel_txt, targets)]
+    gen_ag = [generation.states(t, w) for t, w in zip(gen_txt, targets)]
+    loc_ag = [chat_answer(t) == chat_answer(l) for t, l in zip(loc_txt, labels.texts)]
+    asked = [not (skip_locality and skip_locality[i]) for i in range(n)]
+    tok = model.loaded.tokenizer
+    new_ids = [tok(t.strip(), add_special_tokens=False).input_ids for t in targets]
+    tf_acc, _ = model.score_ids(prompts + paras + labels.prompts, new_ids + new_ids + labels.token_ids, chat=True)
+    rel_tf, gen_tf, loc_tf = tf_acc[:n], tf_acc[n : 2 * n], tf_acc[2 * n :]
+
+    def pct(xs):
+        return 100.0 * sum(float(x) for x in xs) / max(1, len(xs))
+
+    def repeated(text, target):
+        t = " ".join(target.casefold().split())
+        return bool(t) and " ".join(text.casefold().split()).count(t) >= 3
+
+    metrics: dict[str, float | None] = {
+        "rel_ag": pct(rel_ag), "rel_tf": pct(rel_tf), "gen_ag": pct(gen_ag), "gen_tf": pct(gen_tf),
+        "loc_ag": pct([x for x, a in zip(loc_ag, asked) if a]), "loc_tf": pct([x for x, a in zip(loc_tf, asked) if a]),
+    }
+    metrics["score"] = harmonic_mean([metrics[k] for k in METRICS])
+    metrics.update(es=None, ps=None, ns=None, cf_score=None, n_locality_edited=float(n - sum(asked)),
+                   repeats=pct([repeated(t, w) for t, w in zip(rel_txt + gen_txt, targets + targets)]))
+    records = [
+        {"id": e.id, "target": e.target_new, "rel_out": rel_txt[i], "gen_out": gen_txt[i], "loc_out": loc_txt[i],
+         "loc_label": labels.texts[i], "rel_ag": rel_ag[i], "gen_ag": gen_ag[i],
+         "loc_ag": loc_ag[i] if asked[i] else None, "rel_tf": rel_tf[i], "gen_tf": gen_tf[i],
+         "loc_tf": loc_tf[i] if asked[i] else None}
+        for i, e in enumerate(edits)
+    ]
+    return EvalResult(metrics=metrics, records=records, seconds=time.time() - t0)
+
+
+def evaluate(model: EditedLM, edits: "list[EditRequest]", labels: LocalityLabels,
+             skip_locality: list[bool] | None = None, protocol: str = "ag") -> EvalResult:
+    """All metrics for one edited model; percentages 0-100. ``skip_locality[i]``: edit i's locality prompt is
+    not asked (``edited_locality``); its locality fields are None and it counts in no locality number.
+    ``protocol`` "chat": ``evaluate_chat`` (labels must be chat labels)."""
+    if protocol == "chat":
+        return evaluate_chat(model, edits, labels, skip_locality)
+    if protocol != "ag":
+        raise ValueError(f"evaluate: unknown protocol {protocol!r} (ag, chat)")
     t0 = time.time()
     prompts = [e.prompt for e in edits]
     paras = [e.paraphrases[0] if e.paraphrases else e.prompt for e in edits]
@@ -280,6 +375,7 @@ def evaluate(model: EditedLM, edits: "list[EditRequest]", labels: LocalityLabels
     rel_ag = [normalise_answer(t) == w for t, w in zip(rel_txt, want)]
     gen_ag = [normalise_answer(t) == w for t, w in zip(gen_txt, want)]
     loc_ag = [normalise_answer(t) == normalise_answer(l) for t, l in zip(loc_txt, labels.texts)]
+    asked = [not (skip_locality and skip_locality[i]) for i in range(n)]
     tok = model.loaded.tokenizer
     new_ids = [tok(textbatch.target_text(t), add_special_tokens=False).input_ids for t in targets]
     tf_acc, tf_lp = model.score_ids(prompts + paras + labels.prompts, new_ids + new_ids + labels.token_ids)
@@ -300,24 +396,29 @@ def evaluate(model: EditedLM, edits: "list[EditRequest]", labels: LocalityLabels
         m = len(has_old)
         es_l = [lp_new_rel[i] > lp[j] for j, i in enumerate(has_old)]
         ps_l = [lp_new_gen[i] > lp[m + j] for j, i in enumerate(has_old)]
-        ns_l = [lp[2 * m + j] > lp[3 * m + j] for j in range(m)]
-        es, ps, ns = (100.0 * sum(x) / m for x in (es_l, ps_l, ns_l))
+        ns_l = [lp[2 * m + j] > lp[3 * m + j] for j, i in enumerate(has_old) if asked[i]]
+        es, ps = (100.0 * sum(x) / m for x in (es_l, ps_l))
+        ns = 100.0 * sum(ns_l) / max(1, len(ns_l))
 
     def pct(xs):
         return 100.0 * sum(float(x) for x in xs) / max(1, len(xs))
 
+    loc_ag_kept = [x for x, a in zip(loc_ag, asked) if a]
+    loc_tf_kept = [x for x, a in zip(loc_tf, asked) if a]
     metrics: dict[str, float | None] = {
         "rel_ag": pct(rel_ag), "rel_tf": pct(rel_tf), "gen_ag": pct(gen_ag), "gen_tf": pct(gen_tf),
-        "loc_ag": pct(loc_ag), "loc_tf": pct(loc_tf),
+        "loc_ag": pct(loc_ag_kept), "loc_tf": pct(loc_tf_kept),
     }
     metrics["score"] = harmonic_mean([metrics[k] for k in METRICS])
     metrics.update({"es": es, "ps": ps, "ns": ns})
+    metrics["cf_score"] = harmonic_mean([es, ps, ns]) if es is not None else None
+    metrics["n_locality_edited"] = float(n - sum(asked))
     records = [
         {
             "id": e.id, "target": e.target_new,
             "rel_out": rel_txt[i], "gen_out": gen_txt[i], "loc_out": loc_txt[i], "loc_label": labels.texts[i],
-            "rel_ag": rel_ag[i], "gen_ag": gen_ag[i], "loc_ag": loc_ag[i],
-            "rel_tf": rel_tf[i], "gen_tf": gen_tf[i], "loc_tf": loc_tf[i],
+            "rel_ag": rel_ag[i], "gen_ag": gen_ag[i], "loc_ag": loc_ag[i] if asked[i] else None,
+            "rel_tf": rel_tf[i], "gen_tf": gen_tf[i], "loc_tf": loc_tf[i] if asked[i] else None,
         }
         for i, e in enumerate(edits)
     ]

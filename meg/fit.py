@@ -26,7 +26,7 @@ import os
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -76,6 +76,9 @@ class FitConfig:
     # the base sentence encoder are linked (meg.augment.TemplateBank.link_same_subject); 0 = off
     edit_templates: float = 0.5
     n_prefixes: int = 0  # random context prefixes per edit (robustness to preceding text), 0 = off
+    # the first this many of the edit's texts (its prompt, then rewordings) are also fitted as user turns of the
+    # chat template, answered by the target and the end of the turn (chat use, meg.generation); 0 = off
+    chat_contexts: int = 0
     prefix_tokens: int = 8  # length of each generated prefix
     chunk_size: int = 32  # edits per batch (rows = chunk_size * (1 + n_variants + n_contexts + n_prefixes))
     # precision of the frozen model while fitting: "bfloat16" runs it about 3x faster on CPUs with bf16
@@ -107,6 +110,7 @@ class FitConfig:
             "n_variants": self.n_variants >= 0,
             "min_variant_share": 0 <= self.min_variant_share <= 1,
             "n_prefixes": self.n_prefixes >= 0,
+            "chat_contexts": self.chat_contexts >= 0,
             "n_contexts": self.n_contexts >= 0,
             "context_fallback": self.context_fallback >= 0,
             "n_keep": self.n_keep >= 0,
@@ -136,6 +140,8 @@ class FitConfig:
             settings.pop("context_fallback")
         if not self.n_keep:  # off: the key of weights fitted before it existed
             settings.pop("n_keep")
+        if not self.chat_contexts:  # off: the key of weights fitted before it existed
+            settings.pop("chat_contexts")
         if not self.head_candidates:  # whole-vocabulary fits keep the key they had before the option existed
             settings.pop("head_candidates")
             settings.pop("head_refresh")
@@ -155,6 +161,8 @@ class FitResult:
     layer: int
     seconds: float
     n_finished: int = 0  # failed fits that the finishing pass on the prompt alone made succeed
+    # per content key, every text the edit's neuron was fitted on (its prompt first; kept questions last)
+    contexts: dict[str, list[str]] = field(default_factory=dict)
 
     def report(self) -> dict:
         n = len(self.ids)
@@ -663,6 +671,40 @@ def _finish(model, tok, layer, edits, keys, results, w0, cfg) -> int:
     return n_finished
 
 
+def edit_rows(e: "EditRequest", bank: "TemplateBank | None", cfg: FitConfig,
+              prefixes: list[str] = ()) -> tuple[list[str], list[str], list[str]]:
+    """(texts fitted to the edit's target: its prompt first, then rewordings, other-relation questions and
+    prefixed copies; questions whose base answer the neuron keeps; questions also fitted as chat turns) for
+    one edit."""
+    rewordings = bank.variants(e.prompt, e.subject, cfg.n_variants, e.target_new) if bank is not None else []
+    n_contexts = cfg.n_contexts or (cfg.context_fallback if cfg.n_variants and not rewordings else 0)
+    if bank is not None and n_contexts:
+        seed = int(e.content_key[:8], 16)  # deterministic per edit, different across edits
+        found = (bank.other_relation(e.prompt, e.subject, seed + j, fitted=True) for j in range(n_contexts))
+        rewordings += list(dict.fromkeys(q for q in found if q))
+    keep = keep_questions(e, bank, 0 if n_contexts else cfg.n_keep, taken=rewordings) if bank is not None else []
+    chat = ([e.prompt] + rewordings)[: cfg.chat_contexts]
+    return [e.prompt] + rewordings + [f"{p} {e.prompt}" for p in prefixes], keep, chat
+
+
+def store_key(e: "EditRequest", texts: list[str], keep: list[str], chat: list[str] = ()) -> str:
+    """The fit store's key of an edit: its content and every text it is fitted on."""
+    blob = json.dumps([e.content_key, texts, keep] + ([list(chat)] if chat else []), ensure_ascii=False)
+    return f"{e.content_key}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def chat_row(tok, question: str) -> str:
+    """A question as a user turn of the chat template, ready for the answer, as ``textbatch`` encodes it (a
+    beginning-of-sequence token the tokenizer adds itself is not written twice)."""
+    from meg.generation import chat_prompt
+
+    text = chat_prompt(tok, question)
+    bos = getattr(tok, "bos_token", None)
+    if bos and text.startswith(bos) and tok("", add_special_tokens=True).input_ids[:1] == [tok.bos_token_id]:
+        text = text[len(bos):]
+    return text
+
+
 def fit_edits(
     loaded: lm.LoadedModel,
     edits: "list[EditRequest]",
@@ -674,7 +716,8 @@ def fit_edits(
     """Fit one neuron per edit. With ``store_dir``, stored edits are reused and new ones stored.
 
     ``bank`` supplies rewordings of each prompt (``cfg.n_variants`` of them) fitted alongside it;
-    without one, ``n_variants`` must be 0.
+    without one, ``n_variants`` must be 0. An edit is stored under its content and the texts it is
+    fitted on (``store_key``), so a changed rewording fits it again.
     """
     if cfg.uses_bank and bank is None:
         raise ConfigError("fit: 'n_variants', 'n_contexts' or 'n_keep' > 0 needs a template bank "
@@ -687,28 +730,33 @@ def fit_edits(
     w0 = neuron.shared_init(d, inter, seed=cfg.seed)
     store = WeightStore(Path(store_dir) / cfg.key(loaded.content_hash, layer)) if store_dir else None
     known = store.load() if store else {}
-    keys = [e.content_key for e in edits]
-    todo = sorted({k: e for k, e in zip(keys, edits) if k not in known}.values(), key=lambda e: len(e.prompt))
     prefixes = context_prefixes(loaded, cfg.n_prefixes, cfg.prefix_tokens, cfg.seed)
-    results: dict[str, dict[str, torch.Tensor]] = dict(known)
+    rows_of = {e.content_key: edit_rows(e, bank, cfg, prefixes) for e in edits}
+    skeys = {k: store_key(e, *rows_of[k]) for e in edits if (k := e.content_key)}
+    keys = [e.content_key for e in edits]
+    todo = sorted({k: e for k, e in zip(keys, edits) if skeys[k] not in known}.values(), key=lambda e: len(e.prompt))
+    results: dict[str, dict[str, torch.Tensor]] = {k: known[skeys[k]] for k in keys if skeys[k] in known}
     work = _compute_copy(loaded, cfg.dtype) if todo else model
     bar = tqdm(total=len(todo), desc=f"fit L{layer}", unit="edit", disable=not progress)
     for start in range(0, len(todo), cfg.chunk_size):
         chunk = todo[start : start + cfg.chunk_size]
         prompts, target_ids, edit_of_row, keep_rows = [], [], [], []
         for i, e in enumerate(chunk):
-            rewordings = bank.variants(e.prompt, e.subject, cfg.n_variants, e.target_new) if bank else []
-            n_contexts = cfg.n_contexts or (cfg.context_fallback if cfg.n_variants and not rewordings else 0)
-            if bank and n_contexts:
-                seed = int(e.content_key[:8], 16)  # deterministic per edit, different across edits
-                found = (bank.other_relation(e.prompt, e.subject, seed + j) for j in range(n_contexts))
-                rewordings += list(dict.fromkeys(q for q in found if q))
+            texts, keep, chat = rows_of[e.content_key]
             ids = textbatch.target_ids(tok, e.target_new, cfg.suffix)
-            for text in [e.prompt] + rewordings + [f"{p} {e.prompt}" for p in prefixes]:
+            for text in texts:
                 prompts.append(text)
                 target_ids.append(ids)
                 edit_of_row.append(i)
-            for text in keep_questions(e, bank, 0 if n_contexts else cfg.n_keep, taken=rewordings):
+            if chat:
+                from meg.generation import turn_end_ids
+
+                answer = tok(e.target_new.strip(), add_special_tokens=False).input_ids + turn_end_ids(tok)
+                for q in chat:
+                    prompts.append(chat_row(tok, q))
+                    target_ids.append(answer)
+                    edit_of_row.append(i)
+            for text in keep:
                 keep_rows.append(len(prompts))
                 prompts.append(text)
                 target_ids.append(None)  # the base model's answer, filled in below
@@ -731,7 +779,7 @@ def fit_edits(
         tensors = {"w": w.detach().cpu(), "success": ok, "steps": steps, "loss": loss}
         chunk_keys = [e.content_key for e in chunk]
         if store:
-            store.add(chunk_keys, tensors)
+            store.add([skeys[k] for k in chunk_keys], tensors)
         for i, key in enumerate(chunk_keys):
             results[key] = {name: t[i] for name, t in tensors.items()}
         bar.update(len(chunk))
@@ -749,4 +797,5 @@ def fit_edits(
         layer=layer,
         seconds=time.time() - t0,
         n_finished=n_finished,
+        contexts={k: rows_of[k][0] + rows_of[k][1] + rows_of[k][2] for k in keys},
     )

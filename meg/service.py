@@ -48,7 +48,9 @@ class ServiceConfig:
     max_batch_size: int = 32  # questions per batched pass
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     max_queue: int = 256  # questions waiting at most (503 beyond)
-    max_new_tokens: int = 20  # tokens generated per answer at most
+    max_new_tokens: int | None = None  # tokens generated per answer at most (None: 40 in chat, 20 completing)
+    # ask every question as a user turn of the model's chat template (None: when it has one; False: complete raw text)
+    chat: bool | None = None
     sample_steps: int | None = None  # generator denoising steps (None: the bundle's); see meg.answer.AnswerConfig
     weight_cache: str = "off"  # "edit": generate weights once per edit and reuse them; see meg.answer.AnswerConfig
     threads: int | None = None  # torch CPU threads (None: torch's default)
@@ -56,6 +58,8 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         for name in ("max_questions", "max_chars", "max_body_bytes", "max_new_tokens"):
             value = getattr(self, name)
+            if value is None and name == "max_new_tokens":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"service: bad value for '{name}': {value!r} (an integer >= 1)")
         if not isinstance(self.port, int) or not 0 <= self.port < 65536:
@@ -74,7 +78,7 @@ class ServiceConfig:
         from meg.answer import AnswerConfig
 
         return AnswerConfig(max_new_tokens=self.max_new_tokens, sample_steps=self.sample_steps,
-                            weight_cache=self.weight_cache)
+                            weight_cache=self.weight_cache, chat=self.chat)
 
 
 class ApiError(Exception):
@@ -289,7 +293,8 @@ def model_answerer(model_ref, cfg: ServiceConfig, base_only: bool = False) -> tu
     info = {"bundle": None if model is model_ref else str(model_ref),
             "base_model": model.loaded.model_id, "n_edits": model.info.get("n_edits"), "layer": model.layer,
             "router": model.cfg.router, "weights": model.cfg.weights, "edited": not base_only,
-            "sample_steps": acfg.sample_steps, "weight_cache": acfg.weight_cache}
+            "sample_steps": acfg.sample_steps, "weight_cache": acfg.weight_cache,
+            "chat": acfg.resolved(model.loaded.tokenizer).chat}
     if base_only:
         return partial(base_answer_rows, model.loaded, cfg=acfg), info
     return partial(answer_rows, model, cfg=acfg), info

@@ -46,11 +46,12 @@ def target_ids(tok, target: str, suffix: str = "") -> list[int]:
     return tok(target_text(target), add_special_tokens=False).input_ids + suffix_ids
 
 
-def encode_ids(tok, prompts: list[str], target_ids: list[list[int]]) -> TargetBatch:
-    """Encode rows of a prompt followed by given target token ids."""
+def encode_ids(tok, prompts: list[str], target_ids: list[list[int]], add_special_tokens: bool = True) -> TargetBatch:
+    """Encode rows of a prompt followed by given target token ids (``add_special_tokens`` False for prompts that
+    hold them already, such as a rendered chat template)."""
     seqs, spans = [], []
     for prompt, t in zip(prompts, target_ids):
-        p = tok(prompt, add_special_tokens=True).input_ids
+        p = tok(prompt, add_special_tokens=add_special_tokens).input_ids
         if not p or not t:
             raise ValueError(f"empty tokenisation for prompt {prompt!r} or its target")
         seqs.append(p + list(t))

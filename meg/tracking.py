@@ -152,7 +152,8 @@ def _make_pyfunc_class():
         """Prompts (or questions) in, the edited model's answers out.
 
         Input: a DataFrame with a ``prompt`` column (a list of strings works too). Output: a
-        DataFrame with ``answer`` (the greedy continuation up to its first line break) and ``routed``
+        DataFrame with ``answer`` (as ``EditedModel.answer`` gives it: the assistant's turn when the base
+        model has a chat template, else the greedy continuation up to its first line break) and ``routed``
         (whether the router sent the prompt to an edit). The base model named in the bundle's
         manifest is loaded through ``meg.lm.load_model``; a base model whose weights differ from the
         ones the bundle was built on is refused.
@@ -167,9 +168,11 @@ def _make_pyfunc_class():
             import pandas as pd
 
             prompts = _prompts_of(model_input)
-            texts = self.model.generate(prompts)
-            routed = [r["routed"] for r in self.model.explain(prompts)] if prompts else []
-            return pd.DataFrame({"answer": [t.split("\n", 1)[0].strip() for t in texts], "routed": routed})
+            if not prompts:
+                return pd.DataFrame({"answer": [], "routed": []})
+            answers = self.model.answer(prompts)["answers"]
+            routed = [j is not None for j in self.model.routed_edits(prompts)]
+            return pd.DataFrame({"answer": answers, "routed": routed})
 
     EditedModelPyfunc.__module__ = __name__
     EditedModelPyfunc.__qualname__ = "EditedModelPyfunc"

@@ -28,6 +28,7 @@ def tiny_config():
         generator={"max_steps": 150, "eval_every": 50, "width": 64, "heads": 4, "depth": 2, "sample_steps": 10},
         generator_variants=False,
         weights="generator",  # the bundle tests exercise the diffusion generator
+        rewrite={"source": "frames"},  # no model call: a random model writes no rewording worth keeping
     )
 
 

@@ -314,7 +314,14 @@ class Grace(Editor):
         _train_values(loaded, edits, book, layer, cfg, values, store, shard)
         return sum(1 for key in store.load() if int(key.split("-")[1]) % shard[1] == shard[0])
 
+    def tuning_texts(self) -> list[str]:
+        from meg.baselines.registry import tuning_texts
+
+        loaded = getattr(self, "_loaded", None)  # the model of the last apply
+        return tuning_texts(self.name, loaded) if loaded is not None and self.cfg is None else []
+
     def apply(self, loaded: lm.LoadedModel, edits: "list[EditRequest]") -> EditedLM:
+        self._loaded = loaded
         t0 = time.time()
         edits = list(edits)
         model = loaded.model

@@ -216,7 +216,14 @@ class LeastSquaresEditor(Editor):
         found = targets.target_vectors(loaded, list(edits), layers[-1], cfg.target, z_root(), cfg.progress)
         return len({e.content_key for e in edits} & found.keys())
 
+    def tuning_texts(self) -> list[str]:
+        from meg.baselines.registry import tuning_texts
+
+        loaded = getattr(self, "_loaded", None)  # the model of the last apply
+        return tuning_texts(self.name, loaded) if loaded is not None and self.cfg is None else []
+
     def apply(self, loaded: lm.LoadedModel, edits: "list[EditRequest]") -> EditedLM:
+        self._loaded = loaded
         cfg = self.config_for(loaded)
         layers = cfg.layers or default_layers(loaded.model)
         n_layers = lm.num_layers(loaded.model)

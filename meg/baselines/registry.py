@@ -71,3 +71,20 @@ def overrides_for(method: str, loaded: lm.LoadedModel) -> dict[str, Any]:
 def config_for(method: str, loaded: lm.LoadedModel, **extra: Any):
     """The registered configuration of ``method`` for this model, with ``extra`` on top."""
     return CONFIGS[method](**{**overrides_for(method, loaded), **extra})
+
+
+# The pseudo-edits every entry above was chosen on: CounterFact train records 9,000-9,999 (bench.tune_baselines
+# pseudo_edits). Their texts count in the leak counters of a run (meg.probes): settings chosen on a probe's text
+# are calibrated on it.
+TUNING_RECORDS = ("counterfact", "train", 9000, 10000)
+
+
+def tuning_texts(method: str, loaded: lm.LoadedModel) -> list[str]:
+    """The texts the registry's settings of ``method`` for this model were chosen on (none without an entry)."""
+    from meg.facts import load_benchmark
+
+    if not overrides_for(method, loaded):
+        return []
+    name, split, start, stop = TUNING_RECORDS
+    records = load_benchmark(name, split)[start:stop]
+    return [t for e in records for t in (e.prompt, *e.paraphrases, *(q.prompt for q in e.locality))]

@@ -18,7 +18,9 @@ from meg.stages.common import StageResult, is_absent, load_base, read_edits, rea
 
 def run(view: dict, prepare_dir: Path, fit_dir: Path, encoder_dir: Path, router_dir: Path, generator_dir: Path,
         out_dir: Path) -> StageResult:
-    from meg.editor import EditedModel, bundle_lookup, condition_encoder, join_conditions
+    from meg.editor import (BuildData, EditedModel, build_blocklist, build_exposure, bundle_lookup,
+                            calibration_set, condition_encoder, generator_pairs, join_conditions, template_bank)
+    from meg.evaluate import edited_locality
     from meg.encoder import QueryEncoder
     from meg.generator import WeightGenerator
     from meg.router import load_router
@@ -42,13 +44,25 @@ def run(view: dict, prepare_dir: Path, fit_dir: Path, encoder_dir: Path, router_
         "dataset": read_json(Path(prepare_dir) / "report.json")["dataset"],
         "edit_ids": [e.id for e in edits],
     }
+    # what the build fitted, trained and calibrated on, against what the evaluate stage asks (meg.probes)
+    pool = read_edits(Path(prepare_dir) / "pseudo.jsonl")
+    data = BuildData(build_blocklist(edits), pool, fit_stage.read_rewordings(prepare_dir), None)
+    contexts = dict(zip(meta["keys"], meta.get("contexts") or [[e.prompt] for e in edits]))
+    generator_texts = []
+    if generator is not None and cfg.generator_variants:
+        data.bank = template_bank(cfg, pool, edits, data.blocklist, data.rewordings)
+        _, rows, texts = generator_pairs(cfg, edits, encoder, data.bank, with_texts=True)
+        generator_texts = [(t, edits[r].subject) for t, r in zip(texts[len(edits):], rows[len(edits):])]
+    pseudo = calibration_set(cfg, pool) if cfg.router != "off" else None
+    exposure = build_exposure(edits, cfg, data, contexts, pseudo, generator_texts)
+    info["leaks"] = exposure.leaks(edits, [not x for x in edited_locality(edits, edits)])
     lookup, edit_prompts = bundle_lookup(cfg, tensors["weights"], edits)
     cond_encoder = condition_encoder(cfg) if generator is not None else None
     prompts = [e.prompt for e in edits]
     edit_cond = join_conditions(encoder.encode(prompts), cond_encoder, prompts) if cond_encoder else None
     model = EditedModel(loaded, meta["layer"], cfg.fit.act, encoder, router, generator, tensors["w0"], cfg,
                         lookup=lookup, info=info, cond_encoder=cond_encoder, edit_cond=edit_cond,
-                        edit_prompts=edit_prompts)
+                        edit_prompts=edit_prompts, edit_targets=[e.target_new for e in edits])
     out = Path(out_dir)
     bundle = model.save(out / "bundle")
     size_mb = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 2**20
@@ -56,7 +70,8 @@ def run(view: dict, prepare_dir: Path, fit_dir: Path, encoder_dir: Path, router_
     report = {"base_model": manifest["base_model"], "base_model_hash": manifest["base_model_hash"],
               "layer": manifest["layer"], "n_edits": len(edits), "size_mb": size_mb}
     write_json(out / "report.json", report)
-    metrics = {"n_edits": float(len(edits)), "size_mb": size_mb, "seconds": time.time() - t0}
+    metrics = {"n_edits": float(len(edits)), "size_mb": size_mb, "seconds": time.time() - t0,
+               **{f"leaks_{k}": float(v) for k, v in info["leaks"].items() if k != "n_evaluated"}}
     write_metrics(out, metrics)
     return StageResult("attach", config.flat(view), metrics,
                        [out / "report.json", bundle / "manifest.json"], bundle=bundle,

@@ -25,7 +25,7 @@ def run(view: dict, prepare_dir: Path, out_dir: Path, cache_dir: Path | None = N
     encoder = encoder_for(cfg, pool, progress=progress, cache_root=Path(cache_dir) / "encoders" if cache_dir else None)
     out = Path(out_dir)
     encoder.save(out / "encoder")
-    n_pairs = min(cfg.n_pseudo_encoder, len(pool))
+    n_pairs = min(cfg.n_pseudo_encoder, sum(1 for e in pool if e.paraphrases))
     seconds = time.time() - t0
     report = {"n_pairs": n_pairs, "trainable": encoder.config.trainable, "tuned_tensors": len(encoder.tuned),
               "dim": encoder.dim, "seconds": seconds}

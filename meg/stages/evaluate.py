@@ -26,7 +26,7 @@ from meg import config
 from meg.evaluate import METRICS, Editor
 from meg.stages.common import StageResult, load_base, read_edits, read_json, write_json, write_jsonl
 
-PROTOCOL = "meg.evaluate/1"  # bump when the metrics change meaning
+PROTOCOL = "meg.evaluate/2"  # bump when the metrics change meaning (2: edited locality prompts are not asked)
 PLOT_COLUMNS = [*METRICS, "score"]
 
 
@@ -44,6 +44,12 @@ class BundleEditor(Editor):
         model = EditedModel.load(self.bundle_dir, loaded)
         model.extra_metrics = router_confusion(model, edits)
         return model
+
+    def exposure(self, edited, edits):
+        """The leak counters the attach stage recorded in the bundle (it knows what the build saw)."""
+        from meg.probes import RecordedLeaks
+
+        return RecordedLeaks(edited.info.get("leaks"))
 
 
 def eval_key(edits: list, labels, model_hash: str) -> str:
@@ -81,18 +87,22 @@ def run(view: dict, prepare_dir: Path, bundle_dir: Path, out_dir: Path) -> Stage
     write_json(out / "comparison.json", [{"method": name, **{c: m.get(c) for c in PLOT_COLUMNS}}
                                          for name, m in metrics.items()])
     write_jsonl(out / "records.jsonl", [{"method": name, **r} for name, rows in result.records.items() for r in rows])
-    write_json(out / "router.json", result.extras.get("meg", {}))
+    extras = result.extras.get("meg", {})
+    write_json(out / "router.json", {k: v for k, v in extras.items() if k != "leaks"})
+    write_json(out / "leaks.json", {name: x.get("leaks") for name, x in result.extras.items()})
     key = eval_key(edits, labels, loaded.content_hash)
     write_json(out / "report.json", {"eval_key": key, "protocol": PROTOCOL, "dataset": dataset,
                                      "n_edits": len(edits), "methods": list(metrics)})
     plots.comparison(metrics, PLOT_COLUMNS, out / "comparison.png", f"{dataset}: {len(edits)} edits")
     (out / "table.txt").write_text(result.table() + "\n")
     flat_metrics = {f"{name}.{k}": v for name, m in metrics.items() for k, v in m.items()}
-    flat_metrics.update({f"meg.{k}": float(v) for k, v in result.extras.get("meg", {}).items()})
+    flat_metrics.update({f"meg.{k}": float(v) for k, v in extras.items() if k != "leaks"})
+    flat_metrics.update({f"{name}.leaks.{k}": float(v) for name, x in result.extras.items()
+                         for k, v in (x.get("leaks") or {}).items()})
     meg = metrics["meg"]
     return StageResult(
         "evaluate", config.flat(view), flat_metrics,
-        [out / "metrics.json", out / "comparison.json", out / "comparison.png", out / "router.json",
+        [out / "metrics.json", out / "comparison.json", out / "comparison.png", out / "router.json", out / "leaks.json",
          out / "records.jsonl", out / "table.txt"],
         tags={"meg.eval_key": key},
         summary=f"meg on {len(edits)} edits: Score {meg['score']:.1f} (Rel {meg['rel_ag']:.1f} / "

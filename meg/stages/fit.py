@@ -68,6 +68,12 @@ def read(fit_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
+def read_rewordings(prepare_dir: Path) -> dict[str, list[str]]:
+    """The edits' rewordings the prepare stage chose (``rewordings.json``; none in an older output)."""
+    path = Path(prepare_dir) / "rewordings.json"
+    return read_json(path) if path.is_file() else {}
+
+
 def weights_for(fit_dir: Path, edits: list) -> tuple[dict, dict[str, torch.Tensor]]:
     """The fit output, checked to hold exactly the given edits in their order."""
     meta, tensors = read(fit_dir)
@@ -79,7 +85,7 @@ def weights_for(fit_dir: Path, edits: list) -> tuple[dict, dict[str, torch.Tenso
 def run(view: dict, prepare_dir: Path, out_dir: Path, cache_dir: Path | None = None,
         shard: tuple[int, int] = (0, 1), progress: bool = True) -> StageResult:
     from meg import fit
-    from meg.editor import template_bank
+    from meg.editor import build_blocklist, template_bank
 
     t0 = time.time()
     cfg = config.meg_config(view)
@@ -90,18 +96,21 @@ def run(view: dict, prepare_dir: Path, out_dir: Path, cache_dir: Path | None = N
     loaded = load_base(view)
     layer = cfg.fit.layer if cfg.fit.layer is not None else loaded.default_layer
     store_dir = Path(cache_dir) / "fit" if cache_dir else None
+    bank = template_bank(cfg, pool, edits, build_blocklist(edits), read_rewordings(prepare_dir)) \
+        if cfg.fit.uses_bank else None
     cached = set()
     if store_dir is not None:
         cached = set(fit.WeightStore(store_dir / cfg.fit.key(loaded.content_hash, layer)).load())
-    n_new = len({e.content_key for e in mine} - cached)
+    prefixes = fit.context_prefixes(loaded, cfg.fit.n_prefixes, cfg.fit.prefix_tokens, cfg.fit.seed)
+    n_new = sum(fit.store_key(e, *fit.edit_rows(e, bank, cfg.fit, prefixes)) not in cached for e in mine)
     if progress:
         print(f"fit: shard {i}/{n}: {len(mine)} edits, {n_new} to fit, {len(mine) - n_new} cached", flush=True)
-    bank = template_bank(cfg, pool, edits) if cfg.fit.uses_bank else None
     res = fit.fit_edits(loaded, mine, cfg.fit, store_dir=store_dir, progress=progress, bank=bank)
     report = res.report()
     tensors = {"weights": res.weights, "w0": res.w0, "success": res.success, "steps": res.steps, "loss": res.loss}
     _write(Path(out_dir), res.ids, res.keys, res.layer, tensors, report,
-           {"shard": [i, n], "n_fitted": n_new, "n_cached": len(mine) - n_new, "model_hash": loaded.content_hash})
+           {"shard": [i, n], "n_fitted": n_new, "n_cached": len(mine) - n_new, "model_hash": loaded.content_hash,
+            "contexts": [res.contexts[k] for k in res.keys]})
     metrics = {k: float(report[k]) for k in ("success_rate", "steps_median", "steps_max", "delta_norm_mean")}
     metrics.update(n_edits=float(len(mine)), n_fitted=float(n_new), n_cached=float(len(mine) - n_new),
                    seconds=time.time() - t0)
@@ -147,9 +156,10 @@ def merge(prepare_dir: Path, shard_dirs: list[Path], out_dir: Path, params: dict
                     merged["success"], merged["steps"], merged["loss"], layers.pop(), 0.0,
                     n_finished=n_finished)
     report = res.report()
+    contexts = [m.get("contexts", [[]] * len(m["keys"]))[j] for m, j, _ in order]
     _write(Path(out_dir), res.ids, res.keys, res.layer, merged, report,
            {"shards": len(shard_dirs), "n_fitted": n_fitted, "n_cached": len(edits) - n_fitted,
-            "model_hash": models.pop()})
+            "model_hash": models.pop(), "contexts": contexts})
     metrics = {k: float(report[k]) for k in ("success_rate", "steps_median", "steps_max", "delta_norm_mean")}
     metrics.update(n_edits=float(len(edits)), n_fitted=float(n_fitted))
     write_metrics(out_dir, metrics)

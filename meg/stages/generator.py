@@ -85,7 +85,7 @@ def _remember(out_gen: Path, last_dir: Path, lineage_key: str, data_key: str) ->
 def run(view: dict, prepare_dir: Path, fit_dir: Path, encoder_dir: Path, out_dir: Path,
         cache_dir: Path | None = None, progress: bool = True) -> StageResult:
     from meg import plots
-    from meg.editor import generator_pairs, template_bank, train_generator
+    from meg.editor import build_blocklist, generator_pairs, template_bank, train_generator
     from meg.encoder import QueryEncoder
     from meg.generator import GeneratorConfig
 
@@ -108,7 +108,8 @@ def run(view: dict, prepare_dir: Path, fit_dir: Path, encoder_dir: Path, out_dir
     pool = read_edits(Path(prepare_dir) / "pseudo.jsonl")
     meta, tensors = fit_stage.weights_for(fit_dir, edits)
     encoder = QueryEncoder.load(Path(encoder_dir) / "encoder", device=cfg.device)
-    cond, rows = generator_pairs(cfg, edits, encoder, template_bank(cfg, pool, edits))
+    bank = template_bank(cfg, pool, edits, build_blocklist(edits), fit_stage.read_rewordings(prepare_dir))
+    cond, rows = generator_pairs(cfg, edits, encoder, bank)
     weights, w0 = tensors["weights"][rows], tensors["w0"]
     gen_cfg = GeneratorConfig(**{"device": cfg.device, **cfg.generator})
     key = lineage(gen_cfg, Path(encoder_dir) / "encoder", w0, meta["layer"], meta.get("model_hash", ""))

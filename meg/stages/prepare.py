@@ -5,9 +5,12 @@ plus the fact store (``meg facts add``), resolved so that later facts override e
 same prompt. Writes to ``out_dir``:
 
 - ``edits.jsonl``   the edit set (validated, de-duplicated, stable ids);
-- ``pseudo.jsonl``  the pseudo-edit pool: CounterFact *train* records disjoint from the edits
-                    (``meg.editor.pseudo_pool``), for the encoder, the router threshold and the
-                    template bank;
+- ``pseudo.jsonl``  the pseudo-edit pool: CounterFact *train* records disjoint from the edits and
+                    from every probe (``meg.editor.pseudo_pool``), each paraphrase a rewording the
+                    base model wrote (``meg.editor.with_rewordings``), for the encoder, the router
+                    threshold and the template bank;
+- ``rewordings.json`` per edit prompt, the rewordings its neuron may be fitted on (``meg.rewrite``;
+                    none is a probe or has a probe paraphrase's template, ``meg.probes``);
 - ``labels.json``   the pre-edit model's greedy answers to the locality prompts (the locality labels),
                     cached per prompt and base model under ``cache_dir`` so new facts cost only theirs;
 - ``report.json``   counts, and every fact dropped and why.
@@ -134,19 +137,29 @@ def read_labels(prepare_dir: Path, loaded=None):
     return LocalityLabels(prompts=d["prompts"], texts=d["texts"], token_ids=d["token_ids"])
 
 
+N_REWORDINGS = 8  # rewordings kept per edit prompt (fit.n_variants takes the first ones)
+
+
 def run(view: dict, out_dir: Path, root: Path = Path("."), cache_dir: Path | None = None,
         progress: bool = True) -> StageResult:
-    from meg.editor import pseudo_pool
+    from meg.editor import build_blocklist, edit_rewordings, pseudo_pool, rewordings_for, with_rewordings
 
     cfg = config.section_config(view, "prepare")
     edits, report = edit_set(cfg, root)
-    pool = pseudo_pool(edits)
+    meg_cfg = config.meg_config(view)
+    blocklist = build_blocklist(edits)
+    rw = rewordings_for(load_base(view), meg_cfg, blocklist, progress,
+                        Path(cache_dir) / "rewrites" if cache_dir else None)
+    pool = with_rewordings(pseudo_pool(edits, blocklist), rw, meg_cfg.n_pseudo_encoder + meg_cfg.n_pseudo_calibration)
+    rewordings = edit_rewordings(edits, rw, N_REWORDINGS)
     labels = _labels(view, edits, cache_dir, cfg.label_batch_size, progress)
     out = Path(out_dir)
     write_jsonl(out / "edits.jsonl", [e.to_dict() for e in edits])
     write_jsonl(out / "pseudo.jsonl", [e.to_dict() for e in pool])
+    write_json(out / "rewordings.json", rewordings)
     write_json(out / "labels.json", labels)
     report["n_pseudo_pool"] = len(pool)
+    report["n_rewordings"] = sum(len(v) for v in rewordings.values())
     write_json(out / "report.json", report)
     metrics = {k: float(report[k]) for k in ("n_edits", "n_slice", "n_store_facts", "n_dropped")}
     metrics["n_pseudo_pool"] = float(len(pool))

@@ -1,4 +1,7 @@
-"""Answering with a real (tiny) edit bundle: batching invariance, routing, explanations, HF-style generate."""
+"""Answering with a real (tiny) edit bundle: batching invariance, routing, explanations, HF-style generate.
+
+The bundle was fitted on raw prompts, so these tests complete raw text (``chat=False``); chat answers are
+tested in test_generation.py."""
 
 from __future__ import annotations
 
@@ -8,6 +11,9 @@ import torch
 from meg.answer import AnswerConfig, answer_rows, base_answer_rows, generate_rows, newline_ids
 from meg.errors import ConfigError
 from tests.tiny_bundle import UNRELATED, tiny_bundle, tiny_edits, tiny_loaded
+
+
+RAW = AnswerConfig(chat=False)
 
 
 @pytest.fixture(scope="module")
@@ -25,24 +31,24 @@ def questions():
 
 def test_edit_prompts_give_their_new_targets(model):
     edits = tiny_edits()
-    out = model.answer([e.prompt for e in edits])["answers"]
+    out = model.answer([e.prompt for e in edits], chat=False)["answers"]
     hits = sum(a.startswith(e.target_new) for a, e in zip(out, edits))
-    base = base_answer_rows(model.loaded, [e.prompt for e in edits], [False] * len(edits))[0]
+    base = base_answer_rows(model.loaded, [e.prompt for e in edits], [False] * len(edits), RAW)[0]
     assert hits >= len(edits) // 2  # the tiny random model knows none of them
     assert sum(a.startswith(e.target_new) for a, e in zip(base, edits)) == 0
 
 
 def test_one_batch_gives_the_same_answers_as_one_question_at_a_time(model, questions):
-    batched = model.answer(questions)["answers"]
-    single = [model.answer([q])["answers"][0] for q in questions]
+    batched = model.answer(questions, chat=False)["answers"]
+    single = [model.answer([q], chat=False)["answers"][0] for q in questions]
     assert batched == single
 
 
 def test_unrouted_questions_get_exactly_the_base_models_answer(model, questions):
     _, mask, _, _ = model.route(questions)
     assert not mask[-len(UNRELATED):].any()  # the unrelated questions are not routed
-    edited = model.answer(questions)["answers"]
-    base, _ = base_answer_rows(model.loaded, questions, [False] * len(questions))
+    edited = model.answer(questions, chat=False)["answers"]
+    base, _ = base_answer_rows(model.loaded, questions, [False] * len(questions), RAW)
     for q, m, e, b in zip(questions, mask.tolist(), edited, base):
         if not m:
             assert e == b, q
@@ -50,11 +56,11 @@ def test_unrouted_questions_get_exactly_the_base_models_answer(model, questions)
 
 
 def test_explanations(model, questions):
-    plain = model.answer(questions)["answers"]
-    out = model.answer(questions, explain=True)
+    plain = model.answer(questions, chat=False)["answers"]
+    out = model.answer(questions, explain=True, chat=False)
     assert out["answers"] == plain  # explaining changes no answer
     _, mask, _, conf = model.route(questions)
-    base, _ = base_answer_rows(model.loaded, questions, [False] * len(questions))
+    base, _ = base_answer_rows(model.loaded, questions, [False] * len(questions), RAW)
     edits = tiny_edits()
     for i, (q, e) in enumerate(zip(questions, out["explanations"])):
         assert e["question"] == q and e["answer"] == plain[i] and e["base_answer"] == base[i]
@@ -76,8 +82,8 @@ def test_explanations(model, questions):
 
 def test_explain_flags_per_question(model, questions):
     flags = [i % 3 == 0 for i in range(len(questions))]
-    answers, expl = answer_rows(model, questions, flags)
-    assert answers == model.answer(questions)["answers"]
+    answers, expl = answer_rows(model, questions, flags, RAW)
+    assert answers == model.answer(questions, chat=False)["answers"]
     assert [e is not None for e in expl] == flags
     with pytest.raises(ValueError, match="explain flags"):
         answer_rows(model, questions, flags[:-1])
@@ -85,8 +91,8 @@ def test_explain_flags_per_question(model, questions):
 
 
 def test_stopping_at_the_first_newline_changes_no_answer(model, questions):
-    stop = model.answer(questions, stop_at_newline=True)["answers"]
-    full = model.answer(questions, stop_at_newline=False)["answers"]
+    stop = model.answer(questions, stop_at_newline=True, chat=False)["answers"]
+    full = model.answer(questions, stop_at_newline=False, chat=False)["answers"]
     assert stop == full
     nl = newline_ids(model.loaded.tokenizer)
     assert all("\n" in model.loaded.tokenizer.decode([int(i)]) for i in nl[:20])
@@ -126,7 +132,7 @@ def test_base_rows_and_generate_rows_agree(model, questions):
     tok = model.loaded.tokenizer
     ids = generate_rows(model.loaded, questions[-3:], max_new_tokens=5)
     answers, expl = base_answer_rows(model.loaded, questions[-3:], [True, False, True],
-                                     AnswerConfig(max_new_tokens=5, stop_at_newline=False))
+                                     AnswerConfig(max_new_tokens=5, stop_at_newline=False, chat=False))
     assert answers == [tok.decode(r, skip_special_tokens=True).split("\n")[0].strip() for r in ids]
     assert expl[1] is None and expl[0]["routed"] is False and expl[0]["base_answer"] == answers[0]
 
@@ -159,10 +165,10 @@ def test_speed_options(model, questions):
     generated = (mask & ~exact).nonzero().flatten()
     assert torch.equal(w[generated], cached[nearest[generated]]) and not w[~mask].any()
     assert torch.equal(w[exact], model.lookup[nearest[exact]])  # edit prompts: their fitted weights
-    plain = model.answer(questions)["answers"]
-    fast = model.answer(questions, weight_cache="edit")["answers"]
+    plain = model.answer(questions, chat=False)["answers"]
+    fast = model.answer(questions, weight_cache="edit", chat=False)["answers"]
     assert fast[:n] == plain[:n] and fast[2 * n:] == plain[2 * n:]  # edit prompts and unrelated: unchanged
-    few = model.answer(questions, sample_steps=2)["answers"]
+    few = model.answer(questions, sample_steps=2, chat=False)["answers"]
     assert few[2 * n:] == plain[2 * n:]
     with pytest.raises(ConfigError, match="'weight_cache'"):
         AnswerConfig(weight_cache="query")

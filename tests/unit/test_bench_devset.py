@@ -19,7 +19,7 @@ def test_held_out_edits_leave_the_encoder_and_router_sets_alone(tmp_path):
     assert not head & {e.content_key for e in dev}
     # the encoder trains on, and the router calibrates with, exactly what a benchmark build uses
     assert [e.content_key for e in after[:used]] == [e.content_key for e in before[:used]]
-    texts = {t for e in before[:used] for t in (e.prompt, e.paraphrases[0], e.locality[0].prompt)}
+    texts = {t for e in before[:used] for t in (e.prompt, e.paraphrases[0], *(q.prompt for q in e.locality))}
     assert not texts & {t for e in dev for t in (e.prompt, *e.paraphrases)}
     assert all(e.paraphrases and e.locality for e in dev)
 

@@ -29,6 +29,7 @@ def small_config(**overrides) -> editor.MegConfig:
         n_pseudo_calibration=24,
         generator_variants=False,
         weights="generator",
+        rewrite={"source": "frames"},  # no model call: a random model writes no rewording worth keeping
     )
     cfg.update(overrides)
     return editor.MegConfig(**cfg)
@@ -203,8 +204,8 @@ def test_pseudo_pool_shares_no_text_with_the_edits():
     kept = {p.content_key for p in pool}
     removed = [p for p in editor.pseudo_pool([]) if p.content_key not in kept]
     seen = {t for e in edits for t in (e.prompt, *e.paraphrases)}
-    assert removed and all(p.content_key in keys or {p.prompt, p.paraphrases[0], p.locality[0].prompt} & seen
-                           for p in removed)  # only what collides with the edits leaves the pool
+    assert removed and all(p.content_key in keys or {p.prompt, p.paraphrases[0], *(q.prompt for q in p.locality)}
+                           & seen for p in removed)  # only what collides with the edits leaves the pool
 
 
 def test_pseudo_pool_excludes_every_benchmark_edit_so_adding_them_changes_nothing():
@@ -216,9 +217,13 @@ def test_pseudo_pool_excludes_every_benchmark_edit_so_adding_them_changes_nothin
     assert [p.content_key for p in editor.pseudo_pool(cf[:1100])] == [p.content_key for p in pool]
     assert [p.content_key for p in editor.pseudo_pool(load_benchmark("zsre", "edit"))] == [
         p.content_key for p in pool]
-    bench_texts = {t for name, split in BENCHMARKS if split != "train"
-                   for e in load_benchmark(name, split) for t in (e.prompt, *e.paraphrases)}
-    assert not any({p.prompt, p.paraphrases[0], p.locality[0].prompt} & bench_texts for p in pool)
+    bench = [e for name, split in BENCHMARKS if split != "train" for e in load_benchmark(name, split)]
+    bench_texts = {t for e in bench for t in (e.prompt, *e.paraphrases)}
+    assert not any({p.prompt, p.paraphrases[0], *(q.prompt for q in p.locality)} & bench_texts for p in pool)
+    # nor any benchmark probe, locality prompts included: a record whose locality prompt is one keeps none
+    probes = {t for e in bench for t in (*e.paraphrases, *(q.prompt for q in e.locality))}
+    assert not any({p.prompt, p.paraphrases[0], *(q.prompt for q in p.locality)} & probes for p in pool)
+    assert sum(not p.locality for p in pool) > 1000
 
 
 def _same_subject_edits():

@@ -36,11 +36,22 @@ def model():
 
 @pytest.fixture(scope="module")
 def service(model):
+    # raw completion: the tiny bundle was fitted on raw prompts (chat use is tested below)
     cfg = ServiceConfig(port=0, max_wait_ms=30, max_questions=8, max_batch_size=32, max_chars=200,
-                        max_body_bytes=4096)
+                        max_body_bytes=4096, chat=False)
     answer_rows, info = model_answerer(model, cfg)
     with BackgroundService(answer_rows, cfg, info) as svc:
         yield svc
+
+
+def test_a_chat_service_asks_user_turns_as_the_library_does(model):
+    cfg = ServiceConfig(port=0, max_wait_ms=30, max_questions=8, max_batch_size=32)
+    answer_rows, info = model_answerer(model, cfg)
+    assert info["chat"] is True  # the default for a model with a chat template
+    questions = [tiny_edits()[0].prompt, UNRELATED[0]]
+    with BackgroundService(answer_rows, cfg, info) as svc:
+        status, body, _ = call(svc.url, "/v1/answer", {"questions": questions, "explain": True})
+    assert status == 200 and body == model.answer(questions, explain=True)
 
 
 def test_health_describes_the_model(service):
@@ -53,7 +64,7 @@ def test_health_describes_the_model(service):
 def test_edited_paraphrased_and_unrelated_questions(service, model):
     edits = tiny_edits()
     questions = [e.prompt for e in edits] + [e.paraphrases[0] for e in edits] + list(UNRELATED)
-    expected = model.answer(questions, explain=True)
+    expected = model.answer(questions, explain=True, chat=False)
     got = []
     for i in range(0, len(questions), 8):
         status, body, _ = call(service.url, "/v1/answer", {"questions": questions[i:i + 8], "explain": True})
