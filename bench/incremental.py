@@ -101,7 +101,9 @@ def _seed_fit_cache(src: Path, dst: Path) -> int:
     wanted = {e.content_key for e in read_edits(dst / "artifacts" / "prepare" / "edits.jsonl")}
     copied = 0
     for store_dir in sorted((src / "cache" / "fit").glob("*")):
-        copied += fit.WeightStore(store_dir).export(dst / "cache" / "fit" / store_dir.name, wanted.__contains__)
+        # store keys are the content key and a hash of the texts fitted (meg.fit.store_key)
+        copied += fit.WeightStore(store_dir).export(dst / "cache" / "fit" / store_dir.name,
+                                                    lambda key: key.split("-")[0] in wanted)
     return copied
 
 

@@ -40,7 +40,7 @@ STAGES = ("prepare", "fit", "encoder", "router", "generator", "attach", "evaluat
 
 # What each stage reads: whole sections, or "section.key" for a single key.
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "prepare": ("base", "prepare", "encoder.n_pseudo", "router.n_pseudo"),
+    "prepare": ("base", "prepare"),
     "fit": ("base", "fit"),
     "encoder": ("base.device", "encoder"),
     "router": ("base.device", "encoder.n_pseudo", "router"),

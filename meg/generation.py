@@ -111,8 +111,15 @@ class _Decided(StoppingCriteria):
         return self.done.to(input_ids.device).clone()
 
 
+def stated_and_closed(text: str, target: str) -> bool:
+    """``states``, and something follows the target's last occurrence, so the word is finished ("English" at
+    the very end may still become "Englishman")."""
+    return states(text, target) and not " ".join(text.casefold().split()).endswith(" ".join(target.casefold().split()))
+
+
 class _Release(StoppingCriteria):
-    """Never stops a row; switches a row's neuron off once its continuation states the row's release text."""
+    """Never stops a row; switches a row's neuron off once its continuation states the row's release text and
+    the stated word is finished (``stated_and_closed``)."""
 
     def __init__(self, tok, prompt_len: int, mod: "neuron.DynamicNeuron", weights: torch.Tensor,
                  active: torch.Tensor, release: list[str | None]):
@@ -124,7 +131,7 @@ class _Release(StoppingCriteria):
         changed = False
         for row in self.active.nonzero().flatten().tolist():
             target = self.release[row]
-            if target and states(self.tok.decode(new[row], skip_special_tokens=True), target):
+            if target and stated_and_closed(self.tok.decode(new[row], skip_special_tokens=True), target):
                 self.active[row] = False
                 changed = True
         if changed:

@@ -60,7 +60,10 @@ class RewriteConfig:
     max_new_tokens: int = 24
     temperature: float = 0.6
     top_p: float = 0.95
-    min_similarity: float = 0.55  # cosine (base sentence encoder, subject masked) a kept rewording needs
+    # cosine (base sentence encoder, subject masked) a kept rewording needs. On 128 held-out pseudo-edits fitted on
+    # 4 rewordings with the margin stop, 0.3 kept 2.1 per edit and carried the neuron to 85.2% of the never-fitted
+    # paraphrases; 0.5 kept 1.5 (79.7%) (docs/experiments/rewordings.md)
+    min_similarity: float = 0.3
     seed: int = 0
     batch_size: int = 8  # prompts per generate call (times n_samples sequences)
 
@@ -217,10 +220,13 @@ class Rewordings:
     """
 
     def __init__(self, rewriter: Rewriter, blocklist: Blocklist, encode: Callable[[list[str]], torch.Tensor],
-                 min_similarity: float | None = None):
+                 min_similarity: float | None = None, canonical: Iterable[tuple[str, str | None, tuple[str, ...]]] = ()):
         self.rewriter, self.blocklist, self.encode = rewriter, blocklist, encode
         self.min_similarity = rewriter.cfg.min_similarity if min_similarity is None else min_similarity
         self._ranked: dict[str, list[str]] = {}  # key -> templates ("{}" for the subject) or texts, best first
+        # the item each template is rewritten with, chosen among a fixed population (the pseudo-edit pool), so
+        # that a template's rewordings do not depend on which edits or pool slice a build asks about first
+        self._canonical = _representatives(canonical)
 
     @staticmethod
     def key(prompt: str, subject: str | None) -> str:
@@ -232,14 +238,8 @@ class Rewordings:
 
         A template is rewritten once, with the subject of the item whose subject hashes lowest (so the choice
         does not depend on the order or number of items), and its answers kept out."""
-        reps: dict[str, tuple[str, str | None, tuple[str, ...]]] = {}
-        for prompt, subject, answers in items:
-            k = self.key(prompt, subject)
-            if k in self._ranked:
-                continue
-            old = reps.get(k)
-            if old is None or _subject_rank(subject) < _subject_rank(old[1]):
-                reps[k] = (prompt, subject, tuple(answers))
+        reps = _representatives(x for x in items if self.key(x[0], x[1]) not in self._ranked)
+        reps = {k: self._canonical.get(k, item) for k, item in reps.items()}
         if not reps:
             return
         found = self.rewriter.candidates(p for p, _, _ in reps.values())
@@ -290,3 +290,14 @@ class Rewordings:
 
 def _subject_rank(subject: str | None) -> str:
     return hashlib.sha256((subject or "").encode("utf-8")).hexdigest()
+
+
+def _representatives(items: Iterable[tuple[str, str | None, tuple[str, ...]]]) -> dict:
+    """Per key (``Rewordings.key``), the item whose subject hashes lowest: the one its template is rewritten with."""
+    reps: dict[str, tuple[str, str | None, tuple[str, ...]]] = {}
+    for prompt, subject, answers in items:
+        k = Rewordings.key(prompt, subject)
+        old = reps.get(k)
+        if old is None or _subject_rank(subject) < _subject_rank(old[1]):
+            reps[k] = (prompt, subject, tuple(answers))
+    return reps

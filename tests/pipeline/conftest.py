@@ -36,7 +36,8 @@ def small_params(model_dir: Path, n_edits: int = 8) -> dict:
     p = config.default_params()
     p["base"]["model"] = str(model_dir)
     p["prepare"].update(n_edits=n_edits, label_batch_size=16, rewordings="frames")
-    p["fit"].update(layer=2, optimizer="adam", lr=0.3, max_steps=15, n_variants=0, suffix="", chunk_size=8)
+    p["fit"].update(layer=2, optimizer="adam", lr=0.3, max_steps=15, n_variants=0, suffix="", chunk_size=8,
+                    stop="success", n_prefixes=0, chat_contexts=1)
     p["encoder"].update(n_pseudo=64, trainable="none")
     p["router"].update(n_pseudo=32)
     p["generator"].update(width=32, depth=1, heads=2, mlp_ratio=1.0, max_steps=12, warmup_steps=2, batch_size=64,

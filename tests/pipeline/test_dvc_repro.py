@@ -140,7 +140,8 @@ def test_new_facts_rerun_the_pipeline_incrementally(repo):
     facts = root / "week.jsonl"
     facts.write_text(json.dumps({"prompt": "The chief engineer of Ganymede Station is", "target_new": "Ada Okafor",
                                  "paraphrases": ["Ganymede Station's chief engineer is"],
-                                 "locality_prompt": "The capital of Norway is"}) + "\n"
+                                 # a probe no pseudo-edit holds: the pool, and so the encoder, stay as they are
+                                 "locality_prompt": "The capital of Zorblandia is"}) + "\n"
                      + json.dumps({"prompt": "The mascot of the Zorbl team is", "target_new": "a heron"}) + "\n")
     out = _run(["-m", "meg.cli", "facts", "add", str(facts)], root, env)
     assert "2 new, 0 overriding, 0 duplicates" in out and "data.dvc updated" in out
