@@ -112,27 +112,7 @@ def render(tok, question, chat: bool) -> str:
     return question
 
 
-def generate_rows(
-    loaded: "LoadedModel",
-    prompts: list[str],
-    weights: torch.Tensor | None = None,
-    active: torch.Tensor | None = None,
-    layer: int | None = None,
-    act: str = "identity",
-    max_new_tokens: int = 20,
-    stop_at_newline: bool = False,
-    min_new_tokens: int | None = None,
-    release: list[str | None] | None = None,
-    chat: bool = False,
-) -> list[list[int]]:
-    """Greedy continuations (new token ids) of rendered prompts in one batched generate (``meg.generation``).
-
-    ``weights`` (B, P) and ``active`` (B,) give row i its neuron at ``layer``; None runs the base model.
-    ``min_new_tokens`` forces a length (benchmarks compare equal work).
-    """
-    return generation.generate_ids(loaded, prompts, weights, active, layer, act, max_new_tokens,
-                                   stop_at_newline=stop_at_newline, release=release,
-                                   add_special_tokens=not chat, min_new_tokens=min_new_tokens)
+generate_rows = generation.generate_ids  # the one generation path (meg.generation)
 
 
 def nearest_edits(model: "EditedModel", emb: torch.Tensor, k: int) -> list[list[dict]]:
@@ -222,8 +202,8 @@ def answer_rows(model: "EditedModel", questions: list, explain: list[bool],
     rows_active = torch.cat([active, torch.zeros(len(base_rows), dtype=torch.bool)])
     if release is not None:
         release = list(release) + [None] * len(base_rows)
-    ids = generate_rows(model.loaded, prompts, rows_w, rows_active, model.layer, model.act,
-                        cfg.max_new_tokens, cfg.stop_at_newline and not cfg.chat, release=release, chat=cfg.chat)
+    ids = generate_rows(model.loaded, prompts, rows_w, rows_active, model.layer, model.act, cfg.max_new_tokens,
+                        cfg.stop_at_newline and not cfg.chat, release=release, add_special_tokens=not cfg.chat)
     texts = [_answer_text(tok, r, cfg.chat) for r in ids]
     explanations: list[dict | None] = [None] * n
     asked = [i for i in range(n) if explain[i]]
@@ -251,7 +231,7 @@ def base_answer_rows(loaded: "LoadedModel", questions: list, explain: list[bool]
     cfg = (cfg or AnswerConfig()).resolved(tok)
     rendered = [render(tok, q, cfg.chat) for q in questions]
     ids = generate_rows(loaded, rendered, max_new_tokens=cfg.max_new_tokens,
-                        stop_at_newline=cfg.stop_at_newline and not cfg.chat, chat=cfg.chat)
+                        stop_at_newline=cfg.stop_at_newline and not cfg.chat, add_special_tokens=not cfg.chat)
     texts = [_answer_text(tok, r, cfg.chat) for r in ids]
     explanations = [{"question": route_text(q), "routed": False, "exact": False, "confidence": 0.0,
                      "nearest_edits": [], "answer": t, "base_answer": t} if e else None

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from meg.evaluate import normalise_answer
+from meg.generation import states
 from tests.unit.test_service import call
 
 pytestmark = pytest.mark.integration
@@ -25,7 +26,8 @@ def bundle(tmp_path_factory, smollm2):
     from meg.facts import load_benchmark
 
     edits = load_benchmark("counterfact", "edit")[:N_EDITS]
-    cfg = editor.MegConfig(fit=fit.FitConfig(n_variants=4), n_pseudo_encoder=1024, n_pseudo_calibration=512,
+    fitting = editor.MegConfig().fit  # the defaults: rewordings, prefixes and chat contexts
+    cfg = editor.MegConfig(fit=fitting, n_pseudo_encoder=1024, n_pseudo_calibration=512,
                            encoder={"max_steps": 16}, generator={"max_steps": 600}, weights="generator")
     model = editor.build(smollm2, edits, cfg, progress=False)
     record_edits(model, edits)
@@ -49,22 +51,27 @@ def ask(svc, questions, explain=False):
 
 
 def test_edited_paraphrased_and_unrelated_questions(service, bundle):
+    """Asked as chat turns (the service's default for an instruct model): the answers state the new facts."""
     _, edits = bundle
     rel = ask(service, [e.prompt for e in edits], explain=True)
     gen = ask(service, [e.paraphrases[0] for e in edits], explain=True)
     loc = ask(service, [e.locality[0].prompt for e in edits], explain=True)
-    want = [normalise_answer(e.target_new) for e in edits]
-    rel_ok = sum(normalise_answer(a) == w for a, w in zip(rel["answers"], want))
-    gen_ok = sum(normalise_answer(a) == w for a, w in zip(gen["answers"], want))
-    base_gen_ok = sum(normalise_answer(x["base_answer"]) == w for x, w in zip(gen["explanations"], want))
+    rel_ok = sum(states(a, e.target_new) for a, e in zip(rel["answers"], edits))
+    gen_ok = sum(states(a, e.target_new) for a, e in zip(gen["answers"], edits))
+    base_gen_ok = sum(states(x["base_answer"], e.target_new) for x, e in zip(gen["explanations"], edits))
+    repeats = sum(a.casefold().count(e.target_new.casefold()) >= 3 for a, e in zip(rel["answers"], edits))
     print(f"edit prompts {rel_ok}/{N_EDITS}, paraphrases {gen_ok}/{N_EDITS} (base {base_gen_ok})")
     assert rel_ok >= 0.75 * N_EDITS
     assert gen_ok > base_gen_ok  # paraphrases the model never saw move towards the new facts
+    assert repeats <= N_EDITS // 4  # an answer, not the target repeated to the token limit
     unrouted = [x for x in loc["explanations"] if not x["routed"]]
     assert len(unrouted) >= 0.75 * N_EDITS
     assert all(x["answer"] == x["base_answer"] for x in unrouted)  # unrelated: the base model, unchanged
     for x, e in zip(rel["explanations"], edits):
         assert x["routed"] and x["nearest_edits"][0]["id"] == e.id
+    model = bundle[0]  # completing raw text (--raw) still gives the first line's exact target
+    raw = model.answer([e.prompt for e in edits], chat=False)["answers"]
+    assert sum(normalise_answer(a) == normalise_answer(e.target_new) for a, e in zip(raw, edits)) >= 0.75 * N_EDITS
 
 
 def test_concurrent_clients_get_the_sequential_answers(service, bundle):

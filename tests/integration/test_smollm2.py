@@ -73,3 +73,7 @@ def test_meg_end_to_end_on_a_small_counterfact_slice(smollm2, tmp_path, monkeypa
     assert m["rel_ag"] >= 80 and m["loc_ag"] >= 80 and m["gen_ag"] >= 40, m
     confusion = res.extras["meg"]["router_confusion"]
     assert confusion["router_prompt_routed"] >= 90
+    leaks = res.extras["meg"]["leaks"]  # nothing evaluated was fitted, trained or calibrated on
+    assert leaks["paraphrase_templates_fitted"] == leaks["paraphrases_trained"] == 0, leaks
+    assert leaks["locality_prompts_trained"] == 0, leaks
+    assert res.extras["meg"]["n_rewordings"] > 0  # the model wrote rewordings, none of them a probe
