@@ -50,13 +50,14 @@ ROUTER_DEFAULTS = {"relation_check": True}
 
 @dataclass
 class MegConfig:
-    # Chosen on 128 held-out pseudo-edits whose paraphrases are never fitted (docs/experiments/rewordings.md):
+    # Chosen on held-out pseudo-edits whose paraphrases are never fitted (docs/experiments/rewordings.md):
     # 4 model-written rewordings, the margin stop and 2 context prefixes carry an edit's own neuron to 89.8% of
-    # those paraphrases (prompt alone, first success: 28.9%); 2 chat contexts (the prompt and the first rewording
-    # as user turns) make it answer in a chat turn (96.9% of paraphrases as user turns against 77.1%)
+    # those paraphrases (prompt alone, first success: 28.9%); the prompt also fitted as a chat turn makes it
+    # answer paraphrases asked as user turns in 95.8% (88.5% without; 99.0% with 2 chat rows, which cap every
+    # fit at max_steps and cost raw transfer)
     fit: fit.FitConfig = field(default_factory=lambda: fit.FitConfig(
         n_variants=4, context_fallback=4, head_candidates=64, head_refresh=10, stop="margin", n_prefixes=2,
-        chat_contexts=2))
+        chat_contexts=1))
     encoder: dict = field(default_factory=dict)  # overrides of meg.encoder.EncoderConfig
     # "nearest" (cosine to the nearest edit), "familiarity" (the paper's) or "off" (the ablation: every
     # question is routed, to its nearest edit by cosine, with no threshold)

@@ -112,9 +112,9 @@ class _Decided(StoppingCriteria):
 
 
 def stated_and_closed(text: str, target: str) -> bool:
-    """``states``, and something follows the target's last occurrence, so the word is finished ("English" at
-    the very end may still become "Englishman")."""
-    return states(text, target) and not " ".join(text.casefold().split()).endswith(" ".join(target.casefold().split()))
+    """``states``, and some character, a space or line break included, follows the text's end of the target, so
+    the word is finished ("English" at the very end may still become "Englishman")."""
+    return states(text, target) and not text.casefold().endswith(target.strip().casefold())
 
 
 class _Release(StoppingCriteria):
