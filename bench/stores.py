@@ -43,15 +43,11 @@ def package_rewrites(model: str, out: Path) -> tuple[Path, int]:
     import json
 
     from meg import lm
-    from meg.editor import MegConfig, _answers, _benchmark_free_pool, build_blocklist, rewordings_for
-    from meg.facts import BENCHMARKS, load_benchmark
+    from meg.editor import MegConfig, _canonical_items, build_blocklist, rewordings_for
 
     loaded = lm.load_model(model)
     rw = rewordings_for(loaded, MegConfig(), build_blocklist([]), progress=True)
-    items = [(e.prompt, e.subject, _answers(e)) for e in _benchmark_free_pool()]
-    items += [(e.prompt, e.subject, _answers(e)) for name, split in BENCHMARKS if split != "train"
-              for e in load_benchmark(name, split)]
-    rw.prepare(items)
+    rw.prepare(_canonical_items())
     prompts = sorted({rep[0] for rep in rw._canonical.values()} | set(rw.rewriter._load()))
     found = rw.rewriter.candidates(prompts)
     out.mkdir(parents=True, exist_ok=True)

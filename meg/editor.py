@@ -501,8 +501,17 @@ def rewordings_for(loaded: lm.LoadedModel, cfg: MegConfig, blocklist, progress: 
     from meg.rewrite import RewriteConfig, Rewordings, Rewriter
 
     rewriter = Rewriter(loaded, RewriteConfig(**cfg.rewrite), cache_dir=cache_dir, progress=progress)
-    canonical = ((e.prompt, e.subject, _answers(e)) for e in _benchmark_free_pool())
-    return Rewordings(rewriter, blocklist, base_encoder(cfg).encode, canonical=canonical)
+    return Rewordings(rewriter, blocklist, base_encoder(cfg).encode, canonical=_canonical_items())
+
+
+def _canonical_items() -> list:
+    """The fixed population a relation template's representative is chosen from (``meg.rewrite.Rewordings``):
+    the pseudo-edit pool and every benchmark edit, so a benchmark slice's rewordings do not depend on the slice."""
+    from meg.facts import BENCHMARKS, load_benchmark
+
+    records = [*_benchmark_free_pool(), *(e for name, split in BENCHMARKS if split != "train"
+                                          for e in load_benchmark(name, split))]
+    return [(e.prompt, e.subject, _answers(e)) for e in records]
 
 
 def with_rewordings(pool: list, rewordings, n_needed: int | None = None) -> list:
