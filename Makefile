@@ -19,6 +19,10 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not integration"
 
+# One tier at a time (tests/conftest.py): unit, component, pipeline, slow.
+test-%: venv
+	$(PY) -m pytest -q -m $*
+
 # Restore the raw fact sets tracked by data.dvc from the copies shipped in the package.
 data: venv
 	$(PY) -m meg.cli data restore

@@ -1,7 +1,7 @@
 """Locality split by what a locality prompt asks about, given the whole edit set.
 
     python -m bench.locality_split --dataset counterfact --n-edits 10000 \
-        --records docs/results/counterfact-10000-meg-hardneg.records.jsonl --out SPLIT.json
+        --records docs/results/counterfact-10000-meg-hardneg.records.jsonl.gz --out SPLIT.json
 
 A benchmark's locality prompt is scored against the base model's answer. In a large edit set that
 answer can itself be edited: CounterFact's neighbourhood prompts ask the edit's relation about other

@@ -10,7 +10,7 @@ every probe asked as a user turn, meg.evaluate.evaluate_chat), or with ``--eval-
 (large scale series: the same questions at every size). Nothing the evaluation asks is fitted, trained or
 calibrated on (meg.probes); ``details.NAME.leaks`` counts what would break that, and is 0 in a clean run. Writes
 OUT.json ({"protocol", "model", "dataset", "n_edits", "n_evaluated", "methods": {NAME: metrics},
-"details": {NAME: ...}}, percentages 0-100; ``cf_score`` is CounterFact's HM(ES, PS, NS)), the per-edit outputs beside it (OUT.records.jsonl), a self-contained HTML report
+"details": {NAME: ...}}, percentages 0-100; ``cf_score`` is CounterFact's HM(ES, PS, NS)), the per-edit outputs beside it (OUT.records.jsonl.gz), a self-contained HTML report
 (OUT.html, plots in OUT_plots/; meg.report), and prints a table. With --mlflow ROOT (or
 MLFLOW_TRACKING_URI set) the metrics and the report are logged to one MLflow run.
 

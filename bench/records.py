@@ -17,8 +17,12 @@ from meg import facts
 def read_records(path: Path, fields: tuple[str, ...]) -> list[dict]:
     """The records of a bench.quality records file; a line that is not JSON or lacks one of
     ``fields`` stops with the file and line named."""
+    import gzip
+
     rows = []
-    with Path(path).open(encoding="utf-8") as f:
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             try:
                 r = json.loads(line)

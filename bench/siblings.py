@@ -1,8 +1,8 @@
 """Contradicting siblings in an edit set, and how a method's generality splits over them.
 
-    python -m bench.siblings --dataset zsre --n-edits 1037 --records OUT.records.jsonl --out SIB.json
-    python -m bench.siblings --dataset zsre --n-edits 1037 --records before=A.records.jsonl \
-        --records after=B.records.jsonl --out SIB.json
+    python -m bench.siblings --dataset zsre --n-edits 1037 --records OUT.records.jsonl.gz --out SIB.json
+    python -m bench.siblings --dataset zsre --n-edits 1037 --records before=A.records.jsonl.gz \
+        --records after=B.records.jsonl.gz --out SIB.json
 
 Two edits are *contradicting siblings* when they share a subject and differ in their new target
 ("What company made USS Leedstown?" -> A, "Which corporation created USS Leedstown?" -> B). For

@@ -63,8 +63,10 @@ class BenchResult:
     def write(self, out: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(self.summary(), indent=2))
-        records = out.with_suffix(".records.jsonl")
-        with open(records, "w") as f:
+        import gzip
+
+        records = out.with_suffix(".records.jsonl.gz")  # compressed: about a tenth of the text
+        with gzip.open(records, "wt", encoding="utf-8") as f:
             for name, rows in self.records.items():
                 for r in rows:
                     f.write(json.dumps({"method": name, **r}) + "\n")
@@ -73,10 +75,12 @@ class BenchResult:
     def table(self) -> str:
         heads = ("rel_ag", "rel_tf", "gen_ag", "gen_tf", "loc_ag", "loc_tf", "score", "es", "ps", "ns", "cf",
                  "edit_s", "eval_s", "rss_mb")
-        lines = [f"{'method':<10}" + "".join(f"{h:>8}" for h in heads)]
+        labels = {name: f"{name} ({self.extras.get(name, {}).get('label') or name})" for name in self.methods}
+        width = max([len("method"), *map(len, labels.values())]) + 2
+        lines = [f"{'method':<{width}}" + "".join(f"{h:>8}" for h in heads)]
         for name, m in self.methods.items():
             cells = [m.get(c) for c in COLUMNS]
-            lines.append(f"{name:<10}" + "".join(f"{'-':>8}" if v is None else f"{v:>8.1f}" for v in cells))
+            lines.append(f"{labels[name]:<{width}}" + "".join(f"{'-':>8}" if v is None else f"{v:>8.1f}" for v in cells))
         return "\n".join(lines)
 
 
@@ -180,6 +184,7 @@ def run_methods(
         result.records[name] = res.records
         result.extras[name] = dict(getattr(edited, "extra_metrics", {}) or {})
         result.extras[name]["leaks"] = {**leaks, "locality_probes_edited": sum(skip)}
+        result.extras[name]["label"] = getattr(editor, "label", "") or name
         print(f"{name}: score {metrics['score']:.1f} (edit {edit_seconds:.1f} s, eval {res.seconds:.1f} s)", flush=True)
         if on_result:
             on_result(name, metrics)

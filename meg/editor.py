@@ -44,7 +44,7 @@ BUNDLE_FORMAT = 1
 
 
 # MeG's router settings where they differ from RouterConfig's own: the relation check is on, chosen on held-out
-# pseudo-edits (dev score 87.7 -> 90.5 on average at 500-2,500 edits, docs/results.md §4.3.1)
+# pseudo-edits (dev score 87.7 -> 90.5 on average at 500-2,500 edits, docs/experiments/history.md §4.3.1)
 ROUTER_DEFAULTS = {"relation_check": True}
 
 
@@ -67,7 +67,7 @@ class MegConfig:
     router_options: dict = field(default_factory=dict)
     generator: dict = field(default_factory=dict)  # overrides of meg.generator.GeneratorConfig
     # "lookup" (the routed edit's own fitted weights) or "generator" (the paper's MeG: weights generated per
-    # question by the diffusion model). Decided on 1,000 held-out pseudo-edits (docs/results.md §2.5):
+    # question by the diffusion model). Decided on 1,000 held-out pseudo-edits (docs/experiments/history.md §2.5):
     # Score 96.8 with lookup against 94.9 generated (Gen AG 90.3 against 84.0), and no generator to train.
     weights: str = "lookup"
     generator_variants: bool = True  # also train the generator on rewordings' embeddings -> the edit's weights
@@ -75,7 +75,7 @@ class MegConfig:
     # "tuned+base" (that embedding joined with the base encoder's). The tuned encoder maps questions on one
     # subject close together (ZsRE: 152 of 1,037 edit prompts have another at cosine >= 0.99, 16 under the base
     # encoder); joining the base embedding keeps such conditions apart. Measured on the 1,037 ZsRE edits'
-    # training pairs (docs/results.md §2.3): relative error 0.209 -> 0.127 after 1,500 steps.
+    # training pairs (docs/experiments/history.md §2.3): relative error 0.209 -> 0.127 after 1,500 steps.
     generator_condition: str = "tuned+base"
     # A question that is an edit's own prompt (after facts.normalise_prompt) gets that edit's fitted weights
     # instead of generated ones: the stored fact is stated as fitted, and the generator's approximation error
@@ -412,6 +412,10 @@ class MegEditor(evaluate.Editor):
         self.cfg = cfg or MegConfig()
         self.work_dir = Path(work_dir) if work_dir else None
         self.progress = progress
+
+    @property
+    def label(self) -> str:
+        return "MeG, lookup weights" if self.cfg.weights == "lookup" else "MeG, generated weights"
 
     def apply(self, loaded: lm.LoadedModel, edits: "list[EditRequest]") -> EditedModel:
         model = build(loaded, edits, self.cfg, self.work_dir, self.progress, probes=self.probes)

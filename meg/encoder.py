@@ -51,7 +51,7 @@ class EncoderConfig:
     batch_size: int = 64  # pairs per step; the other originals of a batch are the negatives
     # hard negatives besides each pair's same-relation prompt about another subject: also a question about the
     # same subject on another relation (from the template bank of the training pairs), which must not match either
-    # (chosen on held-out pseudo-edits, docs/results.md §4.2)
+    # (chosen on held-out pseudo-edits, docs/experiments/history.md §4.2)
     same_subject_negatives: bool = True
     max_length: int = 64  # tokens per text (longer ones are cut)
     seed: int = 0  # batch order and dropout

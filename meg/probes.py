@@ -157,7 +157,8 @@ class Exposure:
         """Leak counters of the evaluated edits (0 when the build is clean).
 
         ``paraphrase_templates_fitted``: evaluated paraphrases whose template (or text, for an edit without a
-        subject) is that of a text the edit was fitted on, or of a text in a rewording role anywhere;
+        subject) is that of a rewording the edit was fitted on (its prompt, with or without a prefix, is the
+        edit, not a rewording), or of a text in a rewording role anywhere;
         ``paraphrases_trained``: evaluated paraphrases whose text reached any role;
         ``locality_prompts_trained``: evaluated locality prompts (those asked, ``locality_asked``) whose text
         reached any role, fitting included.
@@ -172,6 +173,9 @@ class Exposure:
             p = probe_paraphrase(e)
             if p:
                 own = self.fitted.get(e.content_key, [])
+                own = [x for x in own[1:] if not norm_text(x).endswith(norm_text(own[0]))]  # the edit's
+                # own statement and its prefixed copies are the edit itself; a paraphrase with its wording is
+                # answered by any edit of the prompt, fitted or not (CounterFact has 4 in its first 1,000)
                 tpl = template_of(p, e.subject)
                 own_templates = {norm_text(t) for x in own if (t := template_of(x, e.subject))}
                 if tpl is not None:

@@ -70,7 +70,7 @@ class RouterConfig:
     # calibration: the rejection the objective weighs is over all negatives at once ("pooled"), or the mean of the
     # rejection of each kind ("per_kind": unrelated prompts; questions on a probed pseudo-edit's subject about
     # another relation), so the mix of kinds does not move with the edit count
-    negatives: str = "per_kind"  # chosen on held-out pseudo-edits (docs/results.md §4.2)
+    negatives: str = "per_kind"  # chosen on held-out pseudo-edits (docs/experiments/history.md §4.2)
     subject_gate: bool = False  # route a query only to edits whose subject it names (subjectless edits: embedding only)
     # After routing, a question that names its nearest edit's subject is compared with that edit's prompt, the
     # subject replaced by ``relation_word`` in both. If the two embeddings' cosine is below ``relation_cut``, the

@@ -13,6 +13,21 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 FAMILIES = ("llama", "qwen2", "gemma3", "gpt2")
 
+# The tiers (docs/operations.md, "Tests"): unit (pure functions, no model files), component (a tiny random
+# model or the tokenizer), pipeline (real DVC, MLflow, kfp, S3), slow (kills, store faults, the real model).
+MODEL_FIXTURES = {"tokenizer", "tiny_models", "smollm2", "tiny_bundle", "bundle", "loaded"}
+TIER_OF_DIR = {"pipeline": "pipeline", "reliability": "slow", "integration": "slow"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = item.path.parts
+        tier = next((TIER_OF_DIR[d] for d in TIER_OF_DIR if d in parts), None)
+        if tier is None:
+            fixtures = set(getattr(item, "fixturenames", ()))
+            tier = "component" if fixtures & MODEL_FIXTURES or item.get_closest_marker("component") else "unit"
+        item.add_marker(getattr(pytest.mark, tier))
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

@@ -48,6 +48,7 @@ def null_space_projector(c0: torch.Tensor, threshold: float) -> tuple[torch.Tens
 
 class AlphaEdit(LeastSquaresEditor):
     name = "alphaedit"
+    label = "AlphaEdit"
     config_class = AlphaEditConfig
 
     def _begin(self, loaded, layers, c0, cfg) -> dict:

@@ -53,6 +53,7 @@ class FTConfig:
 
 class FineTune(Editor):
     name = "ft"
+    label = "fine-tuning"
 
     def __init__(self, cfg: FTConfig | None = None):
         self.cfg = cfg or FTConfig()

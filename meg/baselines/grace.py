@@ -270,6 +270,7 @@ def _fit_chunk(model, parent, name, layer, batch, entry_of_row, key_cols, v0, cf
 
 class Grace(Editor):
     name = "grace"
+    label = "GRACE"
 
     def __init__(self, cfg: GraceConfig | None = None):
         self.cfg = cfg

@@ -318,4 +318,5 @@ class LeastSquaresEditor(Editor):
 
 class MEMIT(LeastSquaresEditor):
     name = "memit"
+    label = "MEMIT"
     config_class = MEMITConfig

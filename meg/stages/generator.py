@@ -150,7 +150,7 @@ def run(view: dict, prepare_dir: Path, fit_dir: Path, encoder_dir: Path, out_dir
 def warm_step_cap(warm_max_steps: int | None, max_steps: int) -> int:
     """Step cap of a warm-started run: ``warm_max_steps``, or a quarter of ``max_steps`` when null.
 
-    Measured with bench/incremental.py at 100 + 20 facts (docs/results.md §7): 100 warm steps
+    Measured with bench/incremental.py at 100 + 20 facts (docs/experiments/history.md §7): 100 warm steps
     instead of 400 kept the Score (95.6 against 94.8 for the rebuild) for a third of the generator's time.
     """
     return warm_max_steps if warm_max_steps is not None else max(1, -(-max_steps // 4))

@@ -43,6 +43,8 @@ def test_a_counterfact_run_is_clean_for_every_method(home, tiny_models):
         assert {k: leaks[k] for k in ZERO} == ZERO, name
         assert leaks["n_evaluated"] == 4
     assert res.methods["meg"]["cf_score"] is not None  # the field's score sits beside ours
+    assert res.extras["meg"]["label"] == "MeG, lookup weights"  # the method as run, named in tables
+    assert "meg (MeG, lookup weights)" in res.table() and "none (unedited model)" in res.table()
 
 
 def _facts():
