@@ -13,7 +13,7 @@ that would have fitted exactly them (and a part that does not match its sha256 i
 The rewordings the base model writes for the benchmarks' relation templates (meg.rewrite) are shipped in
 the package the same way, as the seed of every machine's cache:
 
-    python -m bench.stores rewrites            # sample what is missing, write meg/datasets/rewrites/
+    python -m bench.stores rewrites            # sample what is missing, write meg/assets/rewrites/
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("dst", type=Path)
     r = sub.add_parser("rewrites", help="write the package's seed of model-written rewordings (meg.rewrite)")
     r.add_argument("--model", default="smollm2-135m")
-    r.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "meg" / "datasets" / "rewrites")
+    r.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "meg" / "assets" / "rewrites")
     args = p.parse_args(argv)
     if args.command == "rewrites":
         path, n = package_rewrites(args.model, args.out)

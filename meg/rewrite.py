@@ -94,7 +94,7 @@ def few_shot_prompt(question: str) -> str:
     return f"{INSTRUCTION}{shots}Opening: {question}\nRewritten:"
 
 
-PACKAGED = Path(__file__).parent / "datasets" / "rewrites"  # shipped candidates: <settings key>.jsonl.gz
+PACKAGED = Path(__file__).parent / "assets" / "rewrites"  # shipped candidates: <settings key>.jsonl.gz
 
 
 def read_candidates(path: Path) -> dict[str, list[str]]:
