@@ -4,8 +4,8 @@ The CLI (``meg ask``, ``meg chat``), the HTTP service and the MLflow pyfunc mode
 ``answer()``, so they give the same answers for the same questions.
 
 One call:
-1. routes every question and gives it its neuron weights (``EditedModel.weights_fn``: the router's
-   routed rows get generated weights, the others none);
+1. routes every question and gives it its neuron weights (``EditedModel.weights_fn``: the model's weight
+   source, ``meg.sources``, gives the routed rows theirs, the others get none);
 2. with ``explain``, adds a second copy of every *routed* question with the neuron switched off, so
    the base model's answer comes out of the same batched generate (an unrouted question's answer
    already *is* the base model's: zero weights leave the model bit-identical);
@@ -21,13 +21,13 @@ A completion answer is that first line, stripped: what the evaluation's AG proto
 case folding and the trailing '.' it drops; a chat answer is the assistant's turn, stripped. A question
 may also be a list of chat messages (``{"role", "content"}``): it is routed on its last user message.
 
-Two speed options (``AnswerConfig.sample_steps``, ``weight_cache="edit"``) replace step 1's weights
-by cheaper ones; they are off by default, and docs/serving.md reports their cost and effect.
+Two speed options (``AnswerConfig.sample_steps``, ``weight_cache="edit"``) replace step 1's generated
+weights by cheaper ones (a source that generates nothing ignores them); they are off by default, and
+docs/serving.md reports their cost and effect.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -138,39 +138,20 @@ def nearest_edits(model: "EditedModel", emb: torch.Tensor, k: int) -> list[list[
     return out
 
 
-_EDIT_WEIGHTS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
-
-
 def edit_weights(model: "EditedModel", steps: int | None = None) -> torch.Tensor:
-    """(N, P) generator weights of every edit, from its prompt's embedding; computed once per model and steps.
-
-    DDIM sampling starts every row from the same seeded noise, so an edit prompt asked as a question
-    gets these very weights (up to rounding of batched products).
-    """
-    per_model = _EDIT_WEIGHTS.setdefault(model, {})
-    if steps not in per_model:
-        cond = model.edit_conditions()
-        per_model[steps] = model.generator.sample(cond, steps=steps, seed=model.cfg.sample_seed)
-    return per_model[steps]
+    """(N, P) generated weights of every edit, from its prompt's condition; computed once per model and steps
+    (``meg.sources.DiffusionSource.edit_weights``)."""
+    return model.source.edit_weights(steps)
 
 
 def question_weights(model: "EditedModel", questions: list[str], cfg: AnswerConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neuron weights (n, P) and routed mask (n,): the model's own ``weights_fn`` unless a speed option is on."""
-    uses_generator = model.generator is not None and model.cfg.weights == "generator" and model.router is not None
-    if (cfg.sample_steps is None and cfg.weight_cache == "off") or not uses_generator:
+    """Neuron weights (n, P) and routed mask (n,): the model's own ``weights_fn`` unless a speed option is on,
+    else the weight source's with that option. Without a router no edit is known per question, and the options
+    are ignored."""
+    if (cfg.sample_steps is None and cfg.weight_cache == "off") or model.router is None:
         return model.weights_fn(questions)
-    emb, mask, nearest, _, exact = model.route_exact(questions)
-    w = torch.zeros(len(questions), model.w0.numel())
-    rows = [r for r in mask.nonzero().flatten().tolist() if r not in exact]
-    if rows:
-        if cfg.weight_cache == "edit":
-            w[rows] = edit_weights(model, cfg.sample_steps)[nearest[rows]]
-        else:
-            w[rows] = model.sample_weights([questions[i] for i in rows], emb[rows], cfg.sample_steps)
-    if exact:
-        fitted = sorted(exact)
-        w[fitted] = model.lookup[nearest[fitted]]
-    return w, mask
+    batch = model.route_batch(questions)
+    return model.source.weights(batch, cfg.sample_steps, cfg.weight_cache == "edit"), batch.mask
 
 
 def _answer_text(tok, ids: list[int], chat: bool) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from meg.errors import MegError
+from meg.errors import ConfigError, MegError
 
 
 def _add_facts(sub: argparse._SubParsersAction) -> None:
@@ -188,6 +188,9 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     c = psub.add_parser("compile", help="compile the pipeline to a Kubeflow pipeline spec (YAML)")
     c.add_argument("--out", default="meg-pipeline.yaml")
     c.add_argument("--shards", type=int, default=4, help="parallel fit shards (ParallelFor)")
+    c.add_argument("--params", default="params.yaml",
+                   help="the settings the pipeline will run with: their generator.weights decides whether the "
+                        "generator step asks for a GPU")
     c.set_defaults(func=_pipeline_compile)
     r = psub.add_parser("run-local", help="run the pipeline with kfp's local subprocess runner")
     r.add_argument("--params", default="params.yaml")
@@ -210,10 +213,16 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
 
 
 def _pipeline_compile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from pipeline import compile as kcompile
 
-    out = kcompile.compile_pipeline(args.out, shards=args.shards)
-    print(f"compiled {out}")
+    path = Path(args.params)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such settings file")
+    weights = kcompile.weights_of(path.read_text(), str(path))
+    out = kcompile.compile_pipeline(args.out, shards=args.shards, weights=weights)
+    print(f"compiled {out} (generator.weights: {weights})")
     return 0
 
 

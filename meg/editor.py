@@ -8,13 +8,18 @@ Building (``MegEditor.apply`` or ``build``):
    pseudo-edits of the same count (``meg.router``);
 4. train the diffusion weight generator on (prompt embedding, fitted weights) (``meg.generator``).
 
-Answering (``EditedModel``): every prompt of a batch is embedded and routed; routed prompts get
-neuron weights sampled from the generator (seeded, so answers are deterministic), the others get
-none, and one batched forward pass serves them all.
+Step 4 runs only with ``weights: generator``: the ``weights`` setting chooses the model's weight source
+(``meg.sources``) once, when it is built or loaded.
 
-``EditedModel.save(dir)`` writes a bundle: the encoder, router, generator, w0 and a manifest with
-the base model id and content hash, the layer, every config and the package versions, plus a
-sha256 of every file. ``load`` refuses a bundle whose files or base model do not match.
+Answering (``EditedModel``): every prompt of a batch is embedded and routed; the weight source gives
+the routed prompts their neuron weights (``lookup``: the routed edit's fitted weights; ``generator``:
+weights sampled from the generator, seeded, so answers are deterministic), the others get none, and
+one batched forward pass serves them all.
+
+``EditedModel.save(dir)`` writes a bundle: the encoder, router, the weight source's part (the fitted
+weights; the generator), w0 and a manifest with the base model id and content hash, the layer, every
+config and the package versions, plus a sha256 of every file. ``load`` refuses a bundle whose files
+or base model do not match.
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from meg import evaluate, fit, lm
+from meg import evaluate, fit, lm, sources
 from meg.config import CONDITIONS
 from meg.errors import BundleError, ConfigError
 from meg.hashing import file_sha256
+from meg.sources import join_conditions
 
 if TYPE_CHECKING:
     from meg.facts import EditRequest
@@ -66,8 +72,8 @@ class MegConfig:
     # replace them)
     router_options: dict = field(default_factory=dict)
     generator: dict = field(default_factory=dict)  # overrides of meg.generator.GeneratorConfig
-    # "lookup" (the routed edit's own fitted weights) or "generator" (the paper's MeG: weights generated per
-    # question by the diffusion model). Decided on 1,000 held-out pseudo-edits (docs/experiments/history.md §2.5):
+    # The weight source (meg.sources): "lookup" (the routed edit's own fitted weights) or "generator" (the paper's
+    # MeG: weights generated per question by the diffusion model). Decided on 1,000 held-out pseudo-edits (docs/experiments/history.md §2.5):
     # Score 96.8 with lookup against 94.9 generated (Gen AG 90.3 against 84.0), and no generator to train.
     weights: str = "lookup"
     generator_variants: bool = True  # also train the generator on rewordings' embeddings -> the edit's weights
@@ -95,42 +101,35 @@ class MegConfig:
         self.router_options = {**ROUTER_DEFAULTS, **self.router_options}
         if self.router not in ("nearest", "familiarity", "off"):
             raise ConfigError(f"meg: bad value for 'router': {self.router!r} (nearest, familiarity, off)")
-        if self.weights not in ("generator", "lookup"):
-            raise ConfigError(f"meg: bad value for 'weights': {self.weights!r} (generator, lookup)")
+        if self.weights not in sources.SOURCES:
+            raise ConfigError(f"meg: bad value for 'weights': {self.weights!r} ({', '.join(sorted(sources.SOURCES))})")
         if self.generator_condition not in CONDITIONS:
             raise ConfigError(f"meg: bad value for 'generator_condition': {self.generator_condition!r} "
                               f"({', '.join(CONDITIONS)})")
 
-    @property
-    def uses_exact(self) -> bool:
-        """Edit prompts get their fitted weights (``exact_prompts``; with ``lookup`` every routed prompt does)."""
-        return self.exact_prompts and self.weights == "generator"
-
 
 class EditedModel(evaluate.EditedLM):
-    """A base model answering with MeG's generated neuron weights."""
+    """A base model answering with MeG's neuron, its weights given per query by the model's weight source.
+
+    ``source`` (a ``meg.sources.WeightSource``) is made from ``cfg`` and the parts (``generator``, ``lookup``,
+    ``cond_encoder``, ``edit_cond``, ``edit_prompts``) unless given; parts the chosen source does not use are
+    dropped.
+    """
 
     def __init__(self, loaded, layer, act, encoder, router, generator, w0, cfg: MegConfig,
                  lookup: torch.Tensor | None = None, info: dict | None = None, batch_size: int = 32,
                  cond_encoder=None, edit_cond: torch.Tensor | None = None, edit_prompts: list[str] | None = None,
-                 edit_targets: list[str] | None = None):
+                 edit_targets: list[str] | None = None, source: "sources.WeightSource | None" = None):
         super().__init__(loaded, self._weights_for, layer=layer, act=act, batch_size=batch_size)
         # the edits' targets, by row: a routed answer's neuron is switched off once it states its edit's target
         self.edit_targets = list(edit_targets) if edit_targets is not None else None
-        self.encoder, self.router, self.generator, self.w0 = encoder, router, generator, w0
-        self.cfg, self.lookup, self.info = cfg, lookup, info or {}
-        # exact_prompts: normalised edit prompt -> row of ``lookup`` (the first edit of a repeated prompt)
-        self.edit_prompts = list(edit_prompts) if edit_prompts is not None else None
-        self._exact: dict[str, int] = {}
-        if cfg.uses_exact:
-            if self.edit_prompts is None or lookup is None or len(self.edit_prompts) != lookup.shape[0]:
-                raise BundleError("exact_prompts needs the edit prompts and their fitted weights, one row each")
-            from meg.facts import normalise_prompt
-
-            for i, p in enumerate(self.edit_prompts):
-                self._exact.setdefault(normalise_prompt(p), i)
-        # generator_condition "tuned+base": the base encoder, and the edit prompts' conditions (N, C')
-        self.cond_encoder, self.edit_cond = cond_encoder, edit_cond
+        self.encoder, self.router, self.w0 = encoder, router, w0
+        self.cfg, self.info = cfg, info or {}
+        if source is None:
+            source = sources.weight_source(cfg, w0.numel(), generator=generator, lookup=lookup,
+                                           cond_encoder=cond_encoder, edit_cond=edit_cond,
+                                           edit_emb=getattr(router, "edit_emb", None), edit_prompts=edit_prompts)
+        self.source = source
         self.extra_metrics: dict = {}
         self.exposure = None  # meg.probes.Exposure of the build that made this model (not saved in bundles)
         self.cache_size = 8192  # prompts whose neuron weights are kept (about 4.6 KB each for SmolLM2)
@@ -151,13 +150,24 @@ class EditedModel(evaluate.EditedLM):
                                 [ROUTED] * n, torch.full((n,), float("nan")))
         return emb, self.router.route_detail(emb, prompts, self.encoder.encode)
 
+    # the weight source's parts, None where it has none
+    generator = property(lambda self: getattr(self.source, "generator", None), doc="The weight generator.")
+    lookup = property(lambda self: getattr(self.source, "lookup", None), doc="(N, P) fitted weights kept.")
+    cond_encoder = property(lambda self: getattr(self.source, "cond_encoder", None),
+                            doc="The generator's second condition encoder (generator_condition 'tuned+base').")
+    edit_cond = property(lambda self: getattr(self.source, "edit_cond", None),
+                         doc="(N, C') the edit prompts' conditions kept with the condition encoder.")
+    edit_prompts = property(lambda self: getattr(self.source, "edit_prompts", None),
+                            doc="The edit prompts kept for exact_prompts.")
+
     def conditions(self, prompts: list[str], emb: torch.Tensor) -> torch.Tensor:
-        """The generator's conditions for prompts whose query embeddings are ``emb`` (n, C)."""
-        return join_conditions(emb, self.cond_encoder, prompts)
+        """The generator's conditions for prompts whose query embeddings are ``emb`` (n, C) (generated weights)."""
+        return self.source.conditions(prompts, emb)
 
     def sample_weights(self, prompts: list[str], emb: torch.Tensor, steps: int | None = None) -> torch.Tensor:
-        """(n, P) generated neuron weights for prompts whose query embeddings are ``emb`` (n, C)."""
-        return self.generator.sample(self.conditions(prompts, emb), steps=steps, seed=self.cfg.sample_seed)
+        """(n, P) generated neuron weights for prompts whose query embeddings are ``emb`` (n, C) (generated
+        weights)."""
+        return self.source.sample(prompts, emb, steps)
 
     def route_exact(self, prompts: list[str]):
         """``route`` with every prompt that is an edit's own prompt (``exact_prompts``) routed to that edit:
@@ -166,24 +176,25 @@ class EditedModel(evaluate.EditedLM):
         return emb, r.mask, r.nearest, r.confidence, exact
 
     def route_exact_detail(self, prompts: list[str]):
-        """``route_exact`` as (emb, ``router.Routing``, the set of exact rows); an exact row's reason is EXACT."""
+        """``route_exact`` as (emb, ``router.Routing``, the set of exact rows); an exact row's reason is EXACT.
+        Which prompts are exact, the weight source says (``WeightSource.exact_edits``)."""
         from meg.router import EXACT
 
         emb, r = self.route_detail(prompts)
         exact: set[int] = set()
-        if self._exact:
-            from meg.facts import normalise_prompt
-
-            for i, p in enumerate(prompts):
-                j = self._exact.get(normalise_prompt(p))
-                if j is not None:
-                    r.mask[i], r.nearest[i], r.reason[i] = True, j, EXACT
-                    exact.add(i)
+        for i, j in self.source.exact_edits(prompts).items():
+            r.mask[i], r.nearest[i], r.reason[i] = True, j, EXACT
+            exact.add(i)
         return emb, r, exact
 
+    def route_batch(self, prompts: list[str]) -> "sources.RoutedBatch":
+        """The routed batch (``route_exact``) a weight source takes."""
+        emb, r, exact = self.route_exact_detail(prompts)
+        return sources.RoutedBatch(list(prompts), emb, r.mask, r.nearest, exact)
+
     def edit_conditions(self) -> torch.Tensor:
-        """(N, C') the generator's conditions of the edit prompts."""
-        return self.edit_cond if self.cond_encoder is not None else self.router.edit_emb
+        """(N, C') the generator's conditions of the edit prompts (generated weights)."""
+        return self.source.edit_conditions()
 
     def _weights_for(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Neuron weights (B, P) and routed mask (B,) for a batch; a prompt seen before is not re-sampled.
@@ -193,17 +204,10 @@ class EditedModel(evaluate.EditedLM):
         """
         todo = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if todo:
-            emb, mask, nearest, _, exact = self.route_exact(todo)
-            w = torch.zeros(len(todo), self.w0.numel())
-            routed = mask.nonzero().flatten().tolist()
-            fitted = routed if self.cfg.weights == "lookup" else sorted(exact)
-            generated = [r for r in routed if r not in exact] if self.cfg.weights == "generator" else []
-            if fitted:
-                w[fitted] = self.lookup[nearest[fitted]]
-            if generated:
-                w[generated] = self.sample_weights([todo[i] for i in generated], emb[generated])
+            batch = self.route_batch(todo)
+            w = self.source.weights(batch)
             for i, p in enumerate(todo):
-                self._cache[p] = (w[i], bool(mask[i]), int(nearest[i]))
+                self._cache[p] = (w[i], bool(batch.mask[i]), int(batch.nearest[i]))
                 if len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
         hits = [self._cache[p] for p in prompts]
@@ -250,22 +254,12 @@ class EditedModel(evaluate.EditedLM):
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         self.encoder.save(tmp / "encoder")
-        if self.cond_encoder is not None:
-            self.cond_encoder.save(tmp / "cond_encoder")
         if self.router is not None:
             self.router.save(tmp / "router")
-        if self.generator is not None:
-            self.generator.save(tmp / "generator")
         from safetensors.torch import save_file
 
-        tensors = {"w0": self.w0.contiguous()}
-        if self.lookup is not None:
-            tensors["lookup"] = self.lookup.contiguous()
-        if self.cond_encoder is not None:
-            tensors["edit_cond"] = self.edit_cond.contiguous()
+        tensors = {"w0": self.w0.contiguous(), **self.source.save(tmp)}
         save_file(tensors, str(tmp / "weights.safetensors"))
-        if self.edit_prompts is not None:
-            (tmp / "edit_prompts.json").write_text(json.dumps(self.edit_prompts, ensure_ascii=False))
         if self.edit_targets is not None:
             (tmp / "edit_targets.json").write_text(json.dumps(self.edit_targets, ensure_ascii=False))
         manifest = {
@@ -296,7 +290,6 @@ class EditedModel(evaluate.EditedLM):
         from safetensors.torch import load_file
 
         from meg.encoder import QueryEncoder
-        from meg.generator import WeightGenerator
         from meg.router import load_router
 
         bundle = Path(bundle)
@@ -323,21 +316,11 @@ class EditedModel(evaluate.EditedLM):
         tensors = load_file(str(bundle / "weights.safetensors"))
         encoder = QueryEncoder.load(bundle / "encoder")
         router = load_router(bundle / "router") if (bundle / "router").exists() else None
-        generator = WeightGenerator.load(bundle / "generator") if (bundle / "generator").exists() else None
-        cond_encoder = QueryEncoder.load(bundle / "cond_encoder") if (bundle / "cond_encoder").exists() else None
-        if (cond_encoder is None) != ("edit_cond" not in tensors):
-            raise BundleError(f"{bundle}: a generator condition encoder needs the edit conditions and back "
-                              "(cond_encoder/ and edit_cond in weights.safetensors)")
-        prompts_file = bundle / "edit_prompts.json"
-        edit_prompts = json.loads(prompts_file.read_text(encoding="utf-8")) if prompts_file.is_file() else None
+        source = sources.load_source(cfg, bundle, tensors, tensors["w0"].numel(), getattr(router, "edit_emb", None))
         targets_file = bundle / "edit_targets.json"
         edit_targets = json.loads(targets_file.read_text(encoding="utf-8")) if targets_file.is_file() else None
-        if cfg.uses_exact and (edit_prompts is None or "lookup" not in tensors):
-            raise BundleError(f"{bundle}: exact_prompts is on but the bundle lacks edit_prompts.json or the "
-                              "fitted weights (lookup in weights.safetensors)")
-        return cls(loaded, manifest["layer"], manifest["act"], encoder, router, generator, tensors["w0"], cfg,
-                   lookup=tensors.get("lookup"), info=manifest.get("info"), cond_encoder=cond_encoder,
-                   edit_cond=tensors.get("edit_cond"), edit_prompts=edit_prompts, edit_targets=edit_targets)
+        return cls(loaded, manifest["layer"], manifest["act"], encoder, router, None, tensors["w0"], cfg,
+                   info=manifest.get("info"), edit_targets=edit_targets, source=source)
 
     # ---- using the edited model (meg.answer) ----------------------------------------------------
 
@@ -415,7 +398,7 @@ class MegEditor(evaluate.Editor):
 
     @property
     def label(self) -> str:
-        return "MeG, lookup weights" if self.cfg.weights == "lookup" else "MeG, generated weights"
+        return sources.source_class(self.cfg).label
 
     def apply(self, loaded: lm.LoadedModel, edits: "list[EditRequest]") -> EditedModel:
         model = build(loaded, edits, self.cfg, self.work_dir, self.progress, probes=self.probes)
@@ -732,17 +715,6 @@ def condition_encoder(cfg: MegConfig):
     return base_encoder(cfg) if cfg.generator_condition == "tuned+base" else None
 
 
-def join_conditions(emb: torch.Tensor, cond_encoder, texts: list[str]) -> torch.Tensor:
-    """Generator conditions: ``emb`` (n, C) itself, or with ``cond_encoder`` the unit vector of both
-    unit embeddings side by side (n, C + C2), each half weighing alike in a cosine."""
-    if cond_encoder is None:
-        return emb
-    import torch.nn.functional as F
-
-    other = cond_encoder.encode(list(texts)).to(emb.device, emb.dtype)
-    return F.normalize(torch.cat([F.normalize(emb, dim=-1), F.normalize(other, dim=-1)], dim=-1), dim=-1)
-
-
 def train_generator(cfg: MegConfig, cond: torch.Tensor, weights: torch.Tensor, w0: torch.Tensor,
                     ckpt_dir: Path | None = None, progress: bool = True, init_from=None):
     """The diffusion weight generator trained on (condition, fitted weights) pairs."""
@@ -826,15 +798,9 @@ def build(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfig,
     timings["router_seconds"] = time.time() - t0
 
     t0 = time.time()
-    generator, cond_encoder, edit_cond = None, None, None
-    generator_texts: list[tuple[str, str | None]] = []
-    if cfg.weights == "generator":
-        cond, rows, texts = generator_pairs(cfg, edits, encoder, bank, with_texts=True)
-        generator_texts = [(t, edits[r].subject) for t, r in zip(texts[len(edits):], rows[len(edits):])]
-        generator = train_generator(cfg, cond, fitted.weights[rows], fitted.w0,
-                                    ckpt_dir=_generator_ckpt_dir(cfg, edits, work_dir), progress=progress)
-        cond_encoder = condition_encoder(cfg)
-        edit_cond = cond[: len(edits)] if cond_encoder is not None else None
+    source, generator_texts = sources.source_class(cfg).train(
+        cfg, edits, fitted.weights, fitted.w0, encoder, bank, edit_emb=getattr(router, "edit_emb", None),
+        ckpt_dir=_generator_ckpt_dir(cfg, edits, work_dir), progress=progress)
     timings["generator_seconds"] = time.time() - t0
 
     info = {
@@ -848,19 +814,16 @@ def build(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfig,
     info["leaks"] = exposure.leaks(edits)
     info["n_pseudo_pool"] = len(pool)
     info["n_rewordings"] = sum(len(v) for v in data.rewordings.values())
-    lookup, prompts = bundle_lookup(cfg, fitted.weights, edits)
-    model = EditedModel(loaded, fitted.layer, cfg.fit.act, encoder, router, generator, fitted.w0, cfg,
-                        lookup=lookup, info=info, cond_encoder=cond_encoder, edit_cond=edit_cond,
-                        edit_prompts=prompts, edit_targets=[e.target_new for e in edits])
+    model = EditedModel(loaded, fitted.layer, cfg.fit.act, encoder, router, None, fitted.w0, cfg, info=info,
+                        edit_targets=[e.target_new for e in edits], source=source)
     model.exposure = exposure
     return model
 
 
 def bundle_lookup(cfg: MegConfig, weights: torch.Tensor, edits: "list[EditRequest]"):
     """(fitted weights, edit prompts) the bundle keeps: the weights for ``lookup`` or ``exact_prompts``, the
-    prompts for ``exact_prompts``; None where not needed."""
-    lookup = weights if cfg.weights == "lookup" or cfg.uses_exact else None
-    return lookup, ([e.prompt for e in edits] if cfg.uses_exact else None)
+    prompts for ``exact_prompts``; None where not needed (``WeightSource.kept``)."""
+    return sources.source_class(cfg).kept(cfg, weights, [e.prompt for e in edits])
 
 
 def router_confusion(model: EditedModel, edits: "list[EditRequest]", bank=None) -> dict[str, float]:

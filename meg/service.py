@@ -283,13 +283,13 @@ def create_app(answer_rows: Callable, cfg: ServiceConfig, model_info: dict):
 
 def model_answerer(model_ref, cfg: ServiceConfig, base_only: bool = False) -> tuple[Callable, dict]:
     """(answer_rows, description) for a bundle or registry reference; ``base_only`` serves its base model."""
-    from meg.answer import answer_rows, base_answer_rows, edit_weights
+    from meg.answer import answer_rows, base_answer_rows
     from meg.bundle import open_model
 
     model = model_ref if hasattr(model_ref, "answer") else open_model(model_ref)
     acfg = cfg.answer_config()
-    if acfg.weight_cache == "edit" and not base_only and model.generator is not None:
-        edit_weights(model, acfg.sample_steps)  # generated now, not on the first request
+    if not base_only:  # what the speed options precompute (weight_cache "edit"), now, not on the first request
+        model.source.prepare(acfg.sample_steps, acfg.weight_cache == "edit")
     info = {"bundle": None if model is model_ref else str(model_ref),
             "base_model": model.loaded.model_id, "n_edits": model.info.get("n_edits"), "layer": model.layer,
             "router": model.cfg.router, "weights": model.cfg.weights, "edited": not base_only,

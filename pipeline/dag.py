@@ -1,9 +1,15 @@
 """The DAG: the same stages as dvc.yaml, as containerised steps.
 
-    start_run -> prepare -+-> fit_shard x N (ParallelFor) -> fit_merge -+-> generator (GPU) -> attach
+    start_run -> prepare -+-> fit_shard x N (ParallelFor) -> fit_merge -+-> generator (GPU*) -> attach
                           +-> encoder -+------------------------------------+                  ^
                                        +-> router ---------------------------------------------+
     attach -> evaluate -> promote;  end_run: the exit handler, closes the MLflow pipeline run
+    * only when compiled for generator.weights "generator": with "lookup" the step trains nothing
+
+The spec is compiled for one ``generator.weights`` setting (``build(weights=...)``; ``meg pipeline
+compile`` reads it from params.yaml): only a weight source that samples from the generator
+(``meg.sources``) gets a GPU for the generator step, and the step refuses params that choose another
+setting than the one it was compiled for.
 
 Every step finds the pipeline's MLflow run by the Kubeflow job id it was tagged with.
 
@@ -29,10 +35,16 @@ from components.runs import end_run, start_run
 GPU_TYPE = "nvidia.com/gpu"
 
 
-def build(shards: int = 4, gpu_type: str = GPU_TYPE):
-    """The pipeline function, with per-edit fitting fanned out over ``shards`` parallel steps."""
+def build(shards: int = 4, gpu_type: str = GPU_TYPE, weights: str = "lookup"):
+    """The pipeline function, with per-edit fitting fanned out over ``shards`` parallel steps, for the
+    ``generator.weights`` setting ``weights`` (the generator step gets a GPU only when it trains a generator)."""
+    from meg.sources import SOURCES
+
     if not isinstance(shards, int) or shards < 1:
         raise ValueError(f"shards must be an integer >= 1, got {shards!r}")
+    if weights not in SOURCES:
+        raise ValueError(f"weights must be one of {', '.join(sorted(SOURCES))}, got {weights!r}")
+    gpu = SOURCES[weights].trains_generator
 
     @dsl.pipeline(name="meg", description="MeG knowledge editing: fit, encode, route, generate, attach, evaluate, promote")
     def meg_pipeline(params: str, data_dir: str = "", cache_dir: str = "", tracking_uri: str = "",
@@ -55,8 +67,9 @@ def build(shards: int = 4, gpu_type: str = GPU_TYPE):
                           tracking_uri=tracking_uri, job_id=job)
             gen = generator(params=params, prepared=prep.outputs["prepared"], fitted=fitted.outputs["fitted"],
                             encoder=enc.outputs["encoder"], cache_dir=cache_dir, device=generator_device,
-                            tracking_uri=tracking_uri, job_id=job)
-            gen.set_accelerator_type(gpu_type).set_accelerator_limit(1)
+                            tracking_uri=tracking_uri, job_id=job, compiled_for=weights)
+            if gpu:
+                gen.set_accelerator_type(gpu_type).set_accelerator_limit(1)
             bundle = attach(params=params, prepared=prep.outputs["prepared"], fitted=fitted.outputs["fitted"],
                             encoder=enc.outputs["encoder"], router=rout.outputs["router"],
                             generator=gen.outputs["generator"], tracking_uri=tracking_uri, job_id=job)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from pipeline.compile import weights_of
 from pipeline.dag import build
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def run_local(params_path: str | Path = "params.yaml", workdir: str | Path = "kf
     from meg import config
 
     text = Path(params_path).read_text()
-    config.parse_params(text, str(params_path))  # fail here, not in the first step
+    weights = weights_of(text, str(params_path))  # fail here, not in the first step
     workdir = Path(workdir).resolve()
     root = workdir / "pipeline-root"
     root.mkdir(parents=True, exist_ok=True)
@@ -53,7 +54,7 @@ def run_local(params_path: str | Path = "params.yaml", workdir: str | Path = "kf
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     with _step_environment():
-        build(shards)(params=text, data_dir=str(Path(data_dir).resolve()) if data_dir else "",
+        build(shards, weights=weights)(params=text, data_dir=str(Path(data_dir).resolve()) if data_dir else "",
                       cache_dir=str(Path(cache_dir).resolve()) if cache_dir else "", tracking_uri=tracking_uri,
                       experiment=experiment, generator_device=generator_device)
     return root

@@ -123,12 +123,12 @@ def create_recurring_run(host: str, cron: str, experiment: str, name: str = "meg
     text = Path(params_path).read_text() if Path(params_path).is_file() else None
     if text is None:
         raise ConfigError(f"{params_path}: no such settings file")
-    config.parse_params(text, str(params_path))
+    weights = config.parse_params(text, str(params_path))["generator"]["weights"]
     check_reachable(host)
     from pipeline.compile import compile_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(Path(tmp) / "meg-pipeline.yaml", shards=shards)
+        package = compile_pipeline(Path(tmp) / "meg-pipeline.yaml", shards=shards, weights=weights)
         if client_factory is None:
             import kfp
 

@@ -1,6 +1,7 @@
 """Stage ``attach``: assemble the edit bundle from the stages' outputs (``meg.editor.EditedModel``).
 
-The bundle is the directory ``EditedModel.save`` writes: encoder, router, generator, w0 and a
+The bundle is the directory ``EditedModel.save`` writes: encoder, router, the weight source's part
+(``meg.sources``: the fitted weights; with ``generator.weights: generator`` the generator), w0 and a
 manifest with the base model id and content hash, the layer, every setting and a sha256 of every
 file; ``EditedModel.load`` refuses it against other base-model weights. The caller logs it as an
 MLflow pyfunc model. Output: ``bundle/`` and ``report.json``.
@@ -24,6 +25,7 @@ def run(view: dict, prepare_dir: Path, fit_dir: Path, encoder_dir: Path, router_
     from meg.encoder import QueryEncoder
     from meg.generator import WeightGenerator
     from meg.router import load_router
+    from meg.sources import source_class
 
     t0 = time.time()
     cfg = config.meg_config(view)
@@ -33,8 +35,8 @@ def run(view: dict, prepare_dir: Path, fit_dir: Path, encoder_dir: Path, router_
     encoder = QueryEncoder.load(Path(encoder_dir) / "encoder", device=cfg.device)
     saved = Path(router_dir) / "router"
     router = None if is_absent(saved) else load_router(saved, device=cfg.device)  # absent: an older "off" run
-    generator = WeightGenerator.load(Path(generator_dir) / "generator", device=cfg.device) \
-        if cfg.weights == "generator" else None
+    trains = source_class(cfg).trains_generator  # the generator stage skipped training otherwise
+    generator = WeightGenerator.load(Path(generator_dir) / "generator", device=cfg.device) if trains else None
     calibration = read_json(Path(router_dir) / "calibration.json")
     info = {
         "n_edits": len(edits),

@@ -10,8 +10,14 @@ under ``cache_dir/generator``, outside the stage's outputs so that ``dvc repro``
   ``generator.warm_max_steps`` steps (null: a quarter of ``max_steps``) or earlier at ``target_error``. A change
   of settings never warm-starts: it trains from scratch, as a full rebuild would.
 
-Output: ``generator/`` (a saved WeightGenerator; absent with ``generator.weights: lookup``),
-``history.json`` (step, loss, error: a DVC plot), ``curve.png`` and ``report.json``.
+Output: ``generator/`` (a saved WeightGenerator), ``history.json`` (step, loss, error: a DVC plot),
+``curve.png`` and ``report.json``. Only a weight source that samples from the generator
+(``meg.sources``: ``generator.weights: generator``) needs one; with any other the stage trains nothing,
+reads none of its inputs and writes its outputs at once: ``generator/`` as a placeholder
+(``absent.json``), an empty history and curve, and a report saying it was skipped.
+
+``compiled_for`` (the Kubeflow step) is the ``generator.weights`` the pipeline was compiled for, which
+decided whether the step asks for a GPU; params that choose another are refused.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pathlib import Path
 import torch
 
 from meg import config
-from meg.errors import BundleError
+from meg.errors import BundleError, ConfigError
 from meg.stages import fit as fit_stage
 from meg.stages.common import StageResult, read_edits, tree_hash, write_absent, write_json, write_metrics
 
@@ -83,27 +89,31 @@ def _remember(out_gen: Path, last_dir: Path, lineage_key: str, data_key: str) ->
 
 
 def run(view: dict, prepare_dir: Path, fit_dir: Path, encoder_dir: Path, out_dir: Path,
-        cache_dir: Path | None = None, progress: bool = True) -> StageResult:
+        cache_dir: Path | None = None, progress: bool = True, compiled_for: str | None = None) -> StageResult:
     from meg import plots
     from meg.editor import build_blocklist, generator_pairs, template_bank, train_generator
     from meg.encoder import QueryEncoder
     from meg.generator import GeneratorConfig
+    from meg.sources import source_class
 
     t0 = time.time()
     cfg = config.meg_config(view)
+    if compiled_for is not None and compiled_for != cfg.weights:
+        raise ConfigError(f"generator: the pipeline was compiled for generator.weights {compiled_for!r} (which "
+                          f"decides whether this step gets a GPU), but the params say {cfg.weights!r}; compile it "
+                          "from these params (meg pipeline compile --params ...)")
     gview = view["generator"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.weights != "generator":
-        write_json(out / "report.json", {"trained": False, "weights": cfg.weights})
+    if not source_class(cfg).trains_generator:
+        skipped = f"skipped: weights {cfg.weights}"
+        write_json(out / "report.json", {"trained": False, "weights": cfg.weights, "skipped": skipped})
         write_json(out / "history.json", [])
-        write_absent(out / "generator", f"generator.weights is {cfg.weights!r}")
+        write_absent(out / "generator", skipped)
         write_metrics(out, {})
-        from meg import plots
-
         plots.training_curve([], out / "curve.png")
         return StageResult("generator", config.flat(view), {}, [out / "report.json"],
-                           summary=f"no generator (weights: {cfg.weights})")
+                           summary=f"no generator ({skipped})")
     edits = read_edits(Path(prepare_dir) / "edits.jsonl")
     pool = read_edits(Path(prepare_dir) / "pseudo.jsonl")
     meta, tensors = fit_stage.weights_for(fit_dir, edits)

@@ -16,9 +16,10 @@ STAGE_COMPONENTS = {"comp-prepare", "comp-fit-shard", "comp-fit-merge", "comp-en
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory):
+    """The spec compiled for generated weights (the setting whose generator step trains)."""
     from pipeline.compile import compile_pipeline
 
-    path = compile_pipeline(tmp_path_factory.mktemp("kfp") / "meg-pipeline.yaml", shards=3)
+    path = compile_pipeline(tmp_path_factory.mktemp("kfp") / "meg-pipeline.yaml", shards=3, weights="generator")
     return yaml.safe_load(path.read_text())
 
 
@@ -58,6 +59,46 @@ def test_the_generator_step_asks_for_a_gpu(spec):
     others = [k for k, ex in spec["deploymentSpec"]["executors"].items()
               if "accelerator" in ex["container"].get("resources", {})]
     assert others == ["exec-generator"]
+
+
+def test_with_lookup_weights_no_step_asks_for_a_gpu(tmp_path):
+    """generator.weights decides at compile time: with lookup the generator step trains nothing and gets no GPU;
+    `meg pipeline compile` reads the setting from the params file, and the step is told what it was compiled for."""
+    from meg import config
+    from meg.cli import main
+
+    specs = {}
+    for weights in ("lookup", "generator"):
+        values = config.default_params()
+        values["generator"]["weights"] = weights
+        (tmp_path / f"{weights}.yaml").write_text(yaml.safe_dump(values))
+        out = tmp_path / f"{weights}-pipeline.yaml"
+        assert main(["pipeline", "compile", "--params", str(tmp_path / f"{weights}.yaml"), "--out", str(out),
+                     "--shards", "2"]) == 0
+        specs[weights] = yaml.safe_load(out.read_text())
+    for weights, spec in specs.items():
+        executors = spec["deploymentSpec"]["executors"]
+        with_gpu = [k for k, ex in executors.items() if "accelerator" in ex["container"].get("resources", {})]
+        assert with_gpu == (["exec-generator"] if weights == "generator" else []), weights
+        task = next(t for c in [spec["root"], *spec["components"].values()] for n, t in _tasks(c).items()
+                    if n == "generator")
+        assert task["inputs"]["parameters"]["compiled_for"]["runtimeValue"]["constant"] == weights
+    with pytest.raises(ValueError, match="weights"):
+        from pipeline.dag import build
+
+        build(2, weights="nearest")
+
+
+def test_the_generator_step_refuses_params_it_was_not_compiled_for(tmp_path):
+    from meg import config
+    from meg.errors import ConfigError
+    from meg.stages import generator as stage
+
+    values = config.default_params()
+    values["generator"]["weights"] = "generator"
+    view = config.stage_view(values, "generator")
+    with pytest.raises(ConfigError, match="compiled for generator.weights 'lookup'"):
+        stage.run(view, tmp_path, tmp_path, tmp_path, tmp_path / "out", compiled_for="lookup")
 
 
 def test_an_exit_handler_closes_the_tracked_run(spec):

@@ -72,7 +72,9 @@ def test_lookup_bundle_answers_the_edits_as_fitted(workspace, params):
     fitted = load_file(str(art / "fit" / "weights.safetensors"))
     routed = json.loads((art / "evaluate" / "router.json").read_text())
     metrics = json.loads((art / "evaluate" / "metrics.json").read_text())["meg"]
-    assert (art / "generator" / "generator" / "absent.json").is_file()
+    assert json.loads((art / "generator" / "generator" / "absent.json").read_text()) == {"absent": "skipped: weights lookup"}
+    assert json.loads((art / "generator" / "report.json").read_text())["trained"] is False
+    assert json.loads((art / "generator" / "history.json").read_text()) == []
     assert routed["router_prompt_right_edit"] == 100.0
     # an edit fitted exactly has every target token right under teacher forcing
     assert metrics["rel_tf"] >= 100.0 * float(fitted["success"].float().mean()) - 1e-6

@@ -153,6 +153,83 @@ def test_router_off_sends_every_prompt_to_its_nearest_edit(built, tmp_path):
     assert torch.equal(again._weights_for(prompts + far)[0], w)
 
 
+def test_weights_for_gives_what_each_source_stands_for(built):
+    """The query path asks the model's weight source (meg.sources) once per batch and gets the weights the
+    settings stand for. Generated weights: an edit's own prompt its fitted weights, any other routed prompt the
+    generator's seeded sample of its own condition; lookup: every routed prompt its nearest edit's fitted weights;
+    unrouted prompts: none. The speed options change nothing with lookup."""
+    from meg.answer import AnswerConfig, question_weights
+    from meg.sources import DiffusionSource, LookupSource
+
+    model, edits = built
+    n = len(edits)
+    asked = ([e.prompt for e in edits] + [e.paraphrases[0] for e in edits] + [e.locality[0].prompt for e in edits]
+             + ["zzzz qqqq", "1 2 3 4 5 6"])
+    assert isinstance(model.source, DiffusionSource) and model.source.generator is model.generator
+    model._cache.clear()
+    w, mask = model._weights_for(asked)
+    emb, r, exact = model.route_exact_detail(asked)
+    assert torch.equal(mask, r.mask) and sorted(exact) == list(range(n))
+    fitted = sorted(exact)
+    generated = [i for i in mask.nonzero().flatten().tolist() if i not in exact]
+    assert generated and (~mask).any()
+    assert torch.equal(w[fitted], model.lookup[r.nearest[fitted]])
+    texts = [asked[i] for i in generated]
+    cond = editor.join_conditions(emb[generated], editor.condition_encoder(model.cfg), texts)
+    assert torch.allclose(w[generated], model.generator.sample(cond, seed=model.cfg.sample_seed), atol=1e-6)
+    assert not w[~mask].any()
+
+    cfg = editor.with_overrides(model.cfg, {"weights": "lookup"})
+    looked = editor.EditedModel(model.loaded, model.layer, model.act, model.encoder, model.router, model.generator,
+                                model.w0, cfg, lookup=model.lookup, info=model.info)
+    assert isinstance(looked.source, LookupSource) and looked.generator is None  # the generator is not its part
+    wl, ml = looked._weights_for(asked)
+    _, rl = looked.route_detail(asked)  # no exact routing: every routed prompt is looked up anyway
+    rows = ml.nonzero().flatten()
+    assert torch.equal(ml, rl.mask) and rows.numel() > n
+    assert torch.equal(wl[rows], model.lookup[rl.nearest[rows]]) and not wl[~ml].any()
+    for options in (AnswerConfig(sample_steps=2), AnswerConfig(weight_cache="edit")):
+        fast, fast_mask = question_weights(looked, asked, options)
+        assert torch.equal(fast, wl) and torch.equal(fast_mask, ml)
+
+
+def test_bundles_keep_their_files_and_older_bundles_still_load(built, tmp_path):
+    """Each source writes the files bundle format 1 always had; a bundle from before the weights and exact_prompts
+    settings (no such keys, no edit prompts, no fitted weights) loads as generated weights for every routed prompt."""
+    from safetensors.torch import load_file, save_file
+
+    model, edits = built
+    bundle = model.save(tmp_path / "generated")
+    assert {p.relative_to(bundle).parts[0] for p in bundle.rglob("*") if p.is_file()} == {
+        "cond_encoder", "edit_prompts.json", "edit_targets.json", "encoder", "generator", "manifest.json", "router",
+        "weights.safetensors"}
+    assert set(load_file(str(bundle / "weights.safetensors"))) == {"w0", "lookup", "edit_cond"}
+    cfg = editor.with_overrides(model.cfg, {"weights": "lookup"})
+    looked = editor.EditedModel(model.loaded, model.layer, model.act, model.encoder, model.router, model.generator,
+                                model.w0, cfg, lookup=model.lookup, info=model.info)
+    lookup_bundle = looked.save(tmp_path / "lookup")
+    assert {p.relative_to(lookup_bundle).parts[0] for p in lookup_bundle.rglob("*") if p.is_file()} == {
+        "encoder", "manifest.json", "router", "weights.safetensors"}
+    assert set(load_file(str(lookup_bundle / "weights.safetensors"))) == {"w0", "lookup"}
+    prompts = [e.prompt for e in edits]
+    assert torch.equal(editor.EditedModel.load(lookup_bundle, loaded=model.loaded)._weights_for(prompts)[0],
+                       model.lookup)
+
+    tensors = load_file(str(bundle / "weights.safetensors"))
+    del tensors["lookup"]
+    save_file(tensors, str(bundle / "weights.safetensors"))
+    (bundle / "edit_prompts.json").unlink()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["config"]["weights"], manifest["config"]["exact_prompts"]
+    manifest["files"] = editor._hash_tree(bundle)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    old = editor.EditedModel.load(bundle, loaded=model.loaded)
+    assert old.cfg.weights == "generator" and not old.cfg.exact_prompts and old.lookup is None
+    w, mask = old._weights_for(prompts)
+    assert mask.all() and not any(r["exact"] for r in old.explain(prompts))
+    assert torch.allclose(w, model.sample_weights(prompts, model.route(prompts)[0]), atol=1e-5)
+
+
 def test_generator_conditions_join_the_base_encoder(built, tmp_path):
     """generator_condition "tuned+base" (the default): the tuned and the base embedding side by side, kept in the bundle."""
     model, edits = built
