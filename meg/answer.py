@@ -21,6 +21,11 @@ A completion answer is that first line, stripped: what the evaluation's AG proto
 case folding and the trailing '.' it drops; a chat answer is the assistant's turn, stripped. A question
 may also be a list of chat messages (``{"role", "content"}``): it is routed on its last user message.
 
+``answer_detail`` is the same pass with per-question token limits and stop texts (the OpenAI-compatible
+endpoints of the service), returning per question the tokens generated, why the answer ended ("stop" or
+"length") and whether it was routed; ``raw_text`` keeps a completion's continuation whole (not cut at its
+first line).
+
 Two speed options (``AnswerConfig.sample_steps``, ``weight_cache="edit"``) replace step 1's weights
 by cheaper ones; they are off by default, and docs/serving.md reports their cost and effect.
 """
