@@ -91,6 +91,20 @@ def test_completions_stop_texts_and_token_limits(client):
     assert cut.text == full.text[:full.text.index(stop)] and cut.finish_reason == "stop"
 
 
+def test_rows_of_one_pass_keep_their_own_limits_and_stop_texts(model):
+    """Requests with different max_tokens and stop texts share a pass; each row answers as it would alone."""
+    prompts = [UNRELATED[0], tiny_edits()[3].prompt, UNRELATED[2]]
+    free = answer_detail(model, [prompts[2]], [False], COMPLETE, [12])[0][0]
+    stop = (free.split()[1],)
+    limits, stops = [3, 12, 12], [(), (), stop]
+    together = answer_detail(model, prompts, [False] * 3, COMPLETE, limits, stops)
+    alone = [answer_detail(model, [p], [False], COMPLETE, [m], [st]) for p, m, st in zip(prompts, limits, stops)]
+    assert together[0] == [a[0][0] for a in alone] and together[2] == [a[2][0] for a in alone]
+    assert together[2][0]["completion_tokens"] == 3 and together[2][0]["finish_reason"] == "length"
+    assert together[0][2] == free[:free.index(stop[0])] and together[2][2]["finish_reason"] == "stop"
+    assert together[2][1]["routed"] and not together[2][0]["routed"]
+
+
 def test_chat_completion_routes_the_last_user_turn(client, model, service):
     edit = tiny_edits()[0]
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hello"},
