@@ -398,7 +398,7 @@ def _where(err: dict) -> str:
 
 @dataclass(frozen=True)
 class Ask:
-    """How a request is answered: ``mode`` "answer" (the service's setting: /v1/answer), "chat" (the chat template,
+    """How a request is answered: ``mode`` "answer" (the service's setting, /v1/answer), "chat" (the chat template,
     answer to the end of the turn) or "complete" (raw text, no first-line cut); its own token limit (None: the
     mode's) and stop texts. Requests of different modes never share a batched pass (``group``)."""
 
@@ -612,6 +612,7 @@ def create_app(answer_rows: Callable, cfg: ServiceConfig, model_info: dict):
     metrics = Metrics()
     started = time.time()
     count_tokens = getattr(answer_rows, "count_tokens", None)
+    answer_mode = getattr(answer_rows, "answer_mode", "answer")
     can_chat = bool(getattr(answer_rows, "can_chat", False))
 
     @asynccontextmanager
@@ -748,8 +749,8 @@ def create_app(answer_rows: Callable, cfg: ServiceConfig, model_info: dict):
         if blank:
             raise ApiError(422, "invalid request", blank)
         questions = [q.strip() for q in req.questions]
-        tokens = check_lengths(questions, [f"questions[{i}]" for i in range(len(questions))], "answer")
-        answers, explanations, _ = await answered(request, questions, req.explain, Ask("answer"), tokens)
+        tokens = check_lengths(questions, [f"questions[{i}]" for i in range(len(questions))], answer_mode)
+        answers, explanations, _ = await answered(request, questions, req.explain, Ask(answer_mode), tokens)
         return {"answers": answers, **({"explanations": explanations} if req.explain else {})}
 
     # ---- OpenAI-compatible endpoints
@@ -881,6 +882,9 @@ class Answerer:
                                             raw_text=True).resolved(tok)}
         if self.can_chat:
             self.configs["chat"] = replace(cfg, chat=True).resolved(tok)
+        # /v1/answer's mode: "chat" when the service asks questions as chat turns anyway, so that its requests
+        # and chat completions share passes
+        self.answer_mode = "chat" if self.configs["answer"] == self.configs.get("chat") else "answer"
 
     def __call__(self, questions: list, explain: list[bool], asks: list[Ask] | None = None):
         from meg.answer import answer_detail, base_answer_detail

@@ -120,7 +120,8 @@ def test_concurrent_requests_get_the_same_answers_as_sequential_ones(service):
     (json.dumps({"questions": ["ok", "x" * 201]}).encode(), 413, "questions[1]: 201 characters"),
     (json.dumps({"questions": ["x" * 150] * 40}).encode(), 413, "larger than 4096 bytes"),
     (b'{"questions": ["ok", "a \\ud800 b"]}', 422, "questions[1]: not valid Unicode (U+D800"),
-    (json.dumps({"questions": ["tab\tand\nline", "bell\u0007"]}).encode(), 422, "questions[1]: control character U+0007"),
+    (json.dumps({"questions": ["tab\tand\nline", "bell\u0007"]}).encode(), 422,
+     "questions[1]: control character U+0007"),
     (json.dumps({"questions": ["ok", "a " * 60]}).encode(), 413, "longer than 50 tokens questions[1]: 60 tokens"),
 ])
 def test_bad_requests_get_clear_json_errors(service, body, status, needle):

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -286,3 +287,29 @@ def test_a_bad_request_among_concurrent_ones_fails_alone(service):
         results = list(ex.map(ask, questions))
     assert [r[0] for r in results] == [200, 200, 422, 200]
     assert "questions[0]: control character U+0007 at character 4" in results[2][1]["error"]["problems"]
+
+
+def test_on_a_chat_service_answers_and_chat_completions_share_passes(model):
+    answer_rows, info = model_answerer(model, ServiceConfig())
+    assert answer_rows.answer_mode == "chat"
+    gate, entered = threading.Event(), threading.Event()
+
+    def held(questions, explain, asks):
+        entered.set()
+        gate.wait(60)
+        return answer_rows(questions, explain, asks)
+
+    held.count_tokens, held.can_chat, held.answer_mode = answer_rows.count_tokens, True, answer_rows.answer_mode
+    question = tiny_edits()[4].prompt
+    chat_body = {"model": "meg", "messages": [{"role": "user", "content": question}]}
+    with BackgroundService(held, ServiceConfig(port=0, max_wait_ms=0), info) as svc, ThreadPoolExecutor(3) as ex:
+        first = ex.submit(call, svc.url, "/v1/answer", {"questions": [UNRELATED[0]]})
+        assert entered.wait(30)
+        plain = ex.submit(call, svc.url, "/v1/answer", {"questions": [question]})
+        chat = ex.submit(call, svc.url, "/v1/chat/completions", chat_body)
+        while svc.batcher.waiting < 2:
+            time.sleep(0.01)
+        gate.set()
+        assert first.result(60)[0] == plain.result(60)[0] == chat.result(60)[0] == 200
+        assert svc.batcher.stats.batches == 2 and svc.batcher.stats.largest == 2  # the two shared a pass
+    assert chat.result()[1]["choices"][0]["message"]["content"] == plain.result()[1]["answers"][0]
