@@ -21,6 +21,11 @@ A completion answer is that first line, stripped: what the evaluation's AG proto
 case folding and the trailing '.' it drops; a chat answer is the assistant's turn, stripped. A question
 may also be a list of chat messages (``{"role", "content"}``): it is routed on its last user message.
 
+``answer_detail`` is the same pass with per-question token limits and stop texts (the OpenAI-compatible
+endpoints of the service), returning per question the tokens generated, why the answer ended ("stop" or
+"length") and whether it was routed; ``raw_text`` keeps a completion's continuation whole (not cut at its
+first line).
+
 Two speed options (``AnswerConfig.sample_steps``, ``weight_cache="edit"``) replace step 1's generated
 weights by cheaper ones (a source that generates nothing ignores them); they are off by default, and
 docs/serving.md reports their cost and effect.
@@ -54,6 +59,8 @@ class AnswerConfig:
     # switch a routed row's neuron off once its answer states the routed edit's target (None: in chat)
     release: bool | None = None
     top_k: int = 3  # nearest edits listed by an explanation
+    # the continuation as decoded, not cut at its first line nor stripped (an OpenAI-style completion)
+    raw_text: bool = False
     # Speed options (off by default: the defaults answer exactly as MeG does; docs/serving.md has their cost
     # and measured effect on answers):
     sample_steps: int | None = None  # generator denoising steps per routed question (None: the bundle's)
@@ -74,9 +81,9 @@ class AnswerConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"answer: bad value for '{name}': {value!r} (an integer >= 1)")
-        for name in ("stop_at_newline", "chat", "release"):
+        for name in ("stop_at_newline", "chat", "release", "raw_text"):
             value = getattr(self, name)
-            if not isinstance(value, bool) and not (value is None and name != "stop_at_newline"):
+            if not isinstance(value, bool) and not (value is None and name not in ("stop_at_newline", "raw_text")):
                 raise ConfigError(f"answer: bad value for '{name}': {value!r} (true or false)")
 
     def resolved(self, tok) -> "AnswerConfig":
@@ -154,9 +161,37 @@ def question_weights(model: "EditedModel", questions: list[str], cfg: AnswerConf
     return model.source.weights(batch, cfg.sample_steps, cfg.weight_cache == "edit"), batch.mask
 
 
-def _answer_text(tok, ids: list[int], chat: bool) -> str:
+def _finish(tok, ids: list[int], cfg: AnswerConfig, limit: int, stop: tuple[str, ...]) -> tuple[str, dict]:
+    """A row's answer text and its details: ``completion_tokens`` (generated, a final end-of-sequence token
+    not counted) and ``finish_reason`` ("stop": a stop text, the end of the turn or of the line; "length": the
+    token limit). The text is cut before the first of the ``stop`` texts it holds."""
     text = tok.decode(ids, skip_special_tokens=True)
-    return text.strip() if chat else first_line(text)
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    if cut >= 0:
+        text = text[:cut]
+    ended = bool(ids) and ids[-1] == tok.eos_token_id
+    n_tokens = len(ids) - ended
+    line_ended = cfg.stop_at_newline and not cfg.chat and "\n" in text
+    reason = "stop" if cut >= 0 or ended or line_ended or len(ids) < limit else "length"
+    if not cfg.raw_text:
+        text = text.strip() if cfg.chat else first_line(text)
+    return text, {"completion_tokens": n_tokens, "finish_reason": reason}
+
+
+def _row_limits(cfg: AnswerConfig, n: int, max_new_tokens: list[int | None] | None,
+                stop: list[tuple[str, ...]] | None) -> tuple[list[int], list[tuple[str, ...]]]:
+    limits = [m or cfg.max_new_tokens for m in (max_new_tokens or [None] * n)]
+    stops = [tuple(s or ()) for s in (stop or [()] * n)]
+    if len(limits) != n or len(stops) != n:
+        raise ValueError(f"{n} questions but {len(limits)} length limits and {len(stops)} stop lists")
+    return limits, stops
+
+
+def _stop_decided(stops: list[tuple[str, ...]]):
+    """A ``decided`` rule ending a row once its continuation holds one of its stop texts (None: no stop texts)."""
+    if not any(stops):
+        return None
+    return lambda text, row: any(s in text for s in stops[row])
 
 
 def answer_rows(model: "EditedModel", questions: list, explain: list[bool],
@@ -164,13 +199,25 @@ def answer_rows(model: "EditedModel", questions: list, explain: list[bool],
     """Answers, and an explanation for every question whose ``explain`` flag is set (None for the others).
 
     A question is a string, or (chat) a list of messages routed on its last user message."""
+    return answer_detail(model, questions, explain, cfg)[:2]
+
+
+def answer_detail(model: "EditedModel", questions: list, explain: list[bool], cfg: AnswerConfig | None = None,
+                  max_new_tokens: list[int | None] | None = None, stop: list[tuple[str, ...]] | None = None
+                  ) -> tuple[list[str], list[dict | None], list[dict]]:
+    """``answer_rows`` with per-question limits, and details per question.
+
+    ``max_new_tokens[i]`` (None: the config's) and ``stop[i]`` (texts that end the answer, not included in it)
+    apply to question i alone. The details: ``routed`` (the question got the edited knowledge),
+    ``completion_tokens`` and ``finish_reason`` (see ``_finish``)."""
     tok = model.loaded.tokenizer
     cfg = (cfg or AnswerConfig()).resolved(tok)
     n = len(questions)
     if len(explain) != n:
         raise ValueError(f"{n} questions but {len(explain)} explain flags")
     if n == 0:
-        return [], []
+        return [], [], []
+    limits, stops = _row_limits(cfg, n, max_new_tokens, stop)
     routed_on = [route_text(q) for q in questions]
     w, active = question_weights(model, routed_on, cfg)  # (n, P), (n,)
     release = model.release_texts(routed_on) if cfg.release else None
@@ -183,9 +230,14 @@ def answer_rows(model: "EditedModel", questions: list, explain: list[bool],
     rows_active = torch.cat([active, torch.zeros(len(base_rows), dtype=torch.bool)])
     if release is not None:
         release = list(release) + [None] * len(base_rows)
+    row_limits, row_stops = limits + [limits[i] for i in base_rows], stops + [stops[i] for i in base_rows]
     ids = generate_rows(model.loaded, prompts, rows_w, rows_active, model.layer, model.act, cfg.max_new_tokens,
-                        cfg.stop_at_newline and not cfg.chat, release=release, add_special_tokens=not cfg.chat)
-    texts = [_answer_text(tok, r, cfg.chat) for r in ids]
+                        cfg.stop_at_newline and not cfg.chat, decided=_stop_decided(row_stops), release=release,
+                        add_special_tokens=not cfg.chat,
+                        row_max_new_tokens=None if max_new_tokens is None else row_limits)
+    finished = [_finish(tok, r, cfg, lim, st) for r, lim, st in zip(ids, row_limits, row_stops)]
+    texts = [t for t, _ in finished]
+    details = [{"routed": bool(active[i]), **finished[i][1]} for i in range(n)]
     explanations: list[dict | None] = [None] * n
     asked = [i for i in range(n) if explain[i]]
     if asked:
@@ -202,22 +254,34 @@ def answer_rows(model: "EditedModel", questions: list, explain: list[bool],
                 "answer": texts[i],
                 "base_answer": texts[base_of[i]] if i in base_of else texts[i],
             }
-    return texts[:n], explanations
+    return texts[:n], explanations, details
 
 
 def base_answer_rows(loaded: "LoadedModel", questions: list, explain: list[bool],
                      cfg: AnswerConfig | None = None) -> tuple[list[str], list[dict | None]]:
     """The same from the unedited model: the reference the benchmarks compare against."""
+    return base_answer_detail(loaded, questions, explain, cfg)[:2]
+
+
+def base_answer_detail(loaded: "LoadedModel", questions: list, explain: list[bool], cfg: AnswerConfig | None = None,
+                       max_new_tokens: list[int | None] | None = None, stop: list[tuple[str, ...]] | None = None
+                       ) -> tuple[list[str], list[dict | None], list[dict]]:
+    """``answer_detail`` for the unedited model (nothing is routed)."""
     tok = loaded.tokenizer
     cfg = (cfg or AnswerConfig()).resolved(tok)
+    if not questions:
+        return [], [], []
+    limits, stops = _row_limits(cfg, len(questions), max_new_tokens, stop)
     rendered = [render(tok, q, cfg.chat) for q in questions]
     ids = generate_rows(loaded, rendered, max_new_tokens=cfg.max_new_tokens,
-                        stop_at_newline=cfg.stop_at_newline and not cfg.chat, add_special_tokens=not cfg.chat)
-    texts = [_answer_text(tok, r, cfg.chat) for r in ids]
+                        stop_at_newline=cfg.stop_at_newline and not cfg.chat, decided=_stop_decided(stops),
+                        add_special_tokens=not cfg.chat, row_max_new_tokens=None if max_new_tokens is None else limits)
+    finished = [_finish(tok, r, cfg, lim, st) for r, lim, st in zip(ids, limits, stops)]
+    texts = [t for t, _ in finished]
     explanations = [{"question": route_text(q), "routed": False, "exact": False, "confidence": 0.0,
                      "nearest_edits": [], "answer": t, "base_answer": t} if e else None
                     for q, t, e in zip(questions, texts, explain)]
-    return texts, explanations
+    return texts, explanations, [{"routed": False, **d} for _, d in finished]
 
 
 def answer(model: "EditedModel", questions: list[str], explain: bool = False,

@@ -45,7 +45,8 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     _speed_options(c)
     c.set_defaults(func=_chat)
 
-    s = sub.add_parser("serve", help="HTTP service: GET /health, POST /v1/answer, GET /openapi.json")
+    s = sub.add_parser("serve", help="HTTP service: POST /v1/answer, OpenAI-compatible /v1/chat/completions and "
+                                      "/v1/completions, GET /health, /metrics, /openapi.json")
     s.add_argument("model", help="bundle directory or models:/NAME@ALIAS")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
@@ -56,7 +57,15 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-queue", type=int, default=256, help="questions waiting at most (then 503)")
     s.add_argument("--max-questions", type=int, default=32, help="questions per request at most (then 413)")
     s.add_argument("--max-chars", type=int, default=2000, help="characters per question at most (then 413)")
+    s.add_argument("--max-tokens-per-question", type=int, default=1024,
+                   help="tokens of the model's input per question at most (then 413)")
     s.add_argument("--max-new-tokens", type=int, default=None, help="default: 40 in chat, 20 completing")
+    s.add_argument("--max-completion-tokens", type=int, default=512,
+                   help="largest max_tokens an OpenAI request may ask for (then 422)")
+    s.add_argument("--model-name", default="meg", help="the model id of the OpenAI endpoints (GET /v1/models)")
+    s.add_argument("--api-key", default=None,
+                   help="bearer token required by every request but the short /health (default: $MEG_API_KEY); "
+                        "required when --host is not loopback")
     _chat_option(s)
     s.add_argument("--threads", type=int, default=None)
     _speed_options(s)
@@ -162,11 +171,15 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import os
+
     from meg.service import ServiceConfig, run_service
 
     cfg = ServiceConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_questions=args.max_questions,
-                        max_chars=args.max_chars, max_new_tokens=args.max_new_tokens, threads=args.threads,
-                        chat=False if args.raw else None, **_speed(args))
+                        max_chars=args.max_chars, max_tokens_per_question=args.max_tokens_per_question,
+                        max_new_tokens=args.max_new_tokens, max_completion_tokens=args.max_completion_tokens,
+                        model_name=args.model_name, api_key=args.api_key or os.environ.get("MEG_API_KEY") or None,
+                        threads=args.threads, chat=False if args.raw else None, **_speed(args))
     run_service(args.model, cfg, base_only=args.base)
     return 0

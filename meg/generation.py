@@ -111,6 +111,16 @@ class _Decided(StoppingCriteria):
         return self.done.to(input_ids.device).clone()
 
 
+class _RowLength(StoppingCriteria):
+    """Per row: done once the row has ``limits[row]`` new tokens (rows of one batch asking for different lengths)."""
+
+    def __init__(self, prompt_len: int, limits: list[int]):
+        self.prompt_len, self.limits = prompt_len, torch.tensor(limits, dtype=torch.long)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return (input_ids.shape[1] - self.prompt_len >= self.limits).to(input_ids.device)
+
+
 def stated_and_closed(text: str, target: str) -> bool:
     """``states``, and some character, a space or line break included, follows the text's end of the target, so
     the word is finished ("English" at the very end may still become "Englishman")."""
@@ -153,6 +163,7 @@ def generate_ids(
     release: list[str | None] | None = None,
     add_special_tokens: bool = True,
     min_new_tokens: int | None = None,
+    row_max_new_tokens: list[int] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations (new token ids, trailing padding removed) of ``prompts``, one batched generate.
 
@@ -160,6 +171,8 @@ def generate_ids(
     ``decided(text, row)`` ends a row early once more tokens cannot change what is measured; ``release``
     gives per row a text after which its neuron is off. ``add_special_tokens`` is False for prompts that
     already hold them (a rendered chat template). ``min_new_tokens`` forces a length (benchmarks).
+    ``row_max_new_tokens`` gives each row its own length limit (the batch runs to the largest of them and
+    ``max_new_tokens`` is ignored): a row's tokens do not depend on how long the other rows run.
     """
     tok, model = loaded.tokenizer, loaded.model
     if not prompts:
@@ -176,6 +189,12 @@ def generate_ids(
         stops.append(NewlineStop(tok))
     if decided is not None:
         stops.append(_Decided(tok, width, decided))
+    if row_max_new_tokens is not None:
+        if len(row_max_new_tokens) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(row_max_new_tokens)} length limits")
+        max_new_tokens = max(row_max_new_tokens)
+        if min(row_max_new_tokens) < max_new_tokens:
+            stops.append(_RowLength(width, row_max_new_tokens))
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                   eos_token_id=tok.eos_token_id)
     if min_new_tokens:

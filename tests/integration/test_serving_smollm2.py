@@ -87,3 +87,32 @@ def test_concurrent_clients_get_the_sequential_answers(service, bundle):
 
     with ThreadPoolExecutor(len(questions)) as ex:
         assert list(ex.map(one, questions)) == sequential
+
+
+def test_openai_client_gets_the_edited_facts_and_the_base_model_elsewhere(service, bundle):
+    """Through the official openai client: a chat turn asking an edited fact states the new target (streamed or
+    not, the same text as /v1/answer); an unrelated question gets the base model's answer; a raw completion of
+    an edit prompt starts with the target."""
+    openai = pytest.importorskip("openai")
+    model, edits = bundle
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    rel = ask(service, [e.prompt for e in edits[:6]])["answers"]
+    hit = next(i for i, (a, e) in enumerate(zip(rel, edits)) if states(a, e.target_new))
+    edit = edits[hit]
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": edit.prompt}]
+    got = client.chat.completions.create(model="meg", messages=messages)
+    assert states(got.choices[0].message.content, edit.target_new)
+    assert got.usage.prompt_tokens > 0 and got.usage.completion_tokens > 0
+    stream = client.chat.completions.create(model="meg", messages=[{"role": "user", "content": edit.prompt}],
+                                            stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == rel[hit]  # the same answer path as /v1/answer
+    loc = ask(service, [e.locality[0].prompt for e in edits[:6]], explain=True)["explanations"]
+    other = next(x for x in loc if not x["routed"])
+    plain = client.chat.completions.create(model="meg", messages=[{"role": "user", "content": other["question"]}])
+    assert plain.choices[0].message.content == other["base_answer"]  # the base model's answer, unchanged
+    raw = model.answer([e.prompt for e in edits[:6]], chat=False)["answers"]
+    exact = next(i for i, (a, e) in enumerate(zip(raw, edits)) if normalise_answer(a) == normalise_answer(e.target_new))
+    done = client.completions.create(model="meg", prompt=edits[exact].prompt, max_tokens=8, stop=["\n"])
+    assert done.choices[0].text.strip().startswith(edits[exact].target_new)

@@ -120,3 +120,82 @@ def test_bad_requests_and_settings():
         BatchConfig(max_wait_ms=-1)
     with pytest.raises(ConfigError, match="'max_queue'"):
         BatchConfig(max_batch_size=8, max_queue=4)
+
+
+class Opt:
+    def __init__(self, group, tag):
+        self.group, self.tag = group, tag
+
+
+def test_options_reach_the_answer_function_and_groups_never_share_a_pass():
+    passes = []
+    gate, entered = threading.Event(), threading.Event()
+
+    def fn(questions, explain, options):
+        entered.set()
+        gate.wait(10)
+        passes.append([(q, o.group) for q, o in zip(questions, options)])
+        return [f"{q}:{o.tag}" for q, o in zip(questions, options)], [None] * len(questions), list(questions)
+
+    with Batcher(fn, BatchConfig(max_batch_size=8, max_wait_ms=0)) as b:
+        first = b.submit(["x"], options=Opt("chat", "x"))
+        entered.wait(5)  # held: the next four queue up together
+        chat1 = b.submit(["c1", "c2"], options=Opt("chat", "a"))
+        raw = b.submit(["r1"], options=Opt("raw", "b"))
+        chat2 = b.submit(["c3"], options=Opt("chat", "c"))
+        raw2 = b.submit(["r2"], options=Opt("raw", "d"))
+        gate.set()
+        assert first.result(10) == (["x:x"], [None], ["x"])
+        assert chat1.result(10) == (["c1:a", "c2:a"], [None, None], ["c1", "c2"])  # every list sliced
+        assert raw.result(10)[0] == ["r1:b"] and chat2.result(10)[0] == ["c3:c"] and raw2.result(10)[0] == ["r2:d"]
+    assert passes[1:] == [[("c1", "chat"), ("c2", "chat"), ("c3", "chat")], [("r1", "raw"), ("r2", "raw")]]
+
+
+def test_a_failing_pass_is_retried_one_request_at_a_time_so_only_the_bad_one_fails():
+    passes = []
+    gate, entered = threading.Event(), threading.Event()
+
+    def fn(questions, explain):
+        entered.set()
+        gate.wait(10)
+        passes.append(list(questions))
+        if "boom" in questions:
+            raise RuntimeError("model exploded")
+        return [q + "!" for q in questions], [None] * len(questions)
+
+    with Batcher(fn, BatchConfig(max_batch_size=8, max_wait_ms=0)) as b:
+        first = b.submit(["hold"])
+        entered.wait(5)
+        good1, bad, good2 = b.submit(["a", "b"]), b.submit(["boom"]), b.submit(["c"])
+        gate.set()
+        assert first.result(10)[0] == ["hold!"]
+        assert good1.result(10)[0] == ["a!", "b!"] and good2.result(10)[0] == ["c!"]
+        with pytest.raises(RuntimeError, match="model exploded"):
+            bad.result(10)
+        assert b.stats.failed_passes == 1 and b.stats.failed_requests == 1 and b.alive
+    assert passes[1:] == [["a", "b", "boom", "c"], ["a", "b"], ["boom"], ["c"]]
+
+
+def test_a_dead_worker_fails_waiting_requests_refuses_new_ones_and_says_so():
+    gate, entered = threading.Event(), threading.Event()
+
+    def fn(questions, explain):
+        entered.set()
+        gate.wait(10)
+        raise SystemExit("the worker is gone")  # not an Exception: nothing retries it
+
+    b = Batcher(fn, BatchConfig(max_batch_size=1, max_wait_ms=0)).start()
+    try:
+        running = b.submit(["a"])
+        entered.wait(5)
+        waiting = b.submit(["b"])
+        assert b.alive
+        gate.set()
+        for f in (running, waiting):
+            with pytest.raises(RuntimeError, match="worker has stopped"):
+                f.result(10)
+        assert not b.alive and isinstance(b.died, SystemExit)
+        with pytest.raises(RuntimeError, match="worker has stopped"):
+            b.submit(["c"])
+    finally:
+        b.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import urllib.error
@@ -38,7 +39,7 @@ def model():
 def service(model):
     # raw completion: the tiny bundle was fitted on raw prompts (chat use is tested below)
     cfg = ServiceConfig(port=0, max_wait_ms=30, max_questions=8, max_batch_size=32, max_chars=200,
-                        max_body_bytes=4096, chat=False)
+                        max_tokens_per_question=50, max_body_bytes=4096, chat=False)
     answer_rows, info = model_answerer(model, cfg)
     with BackgroundService(answer_rows, cfg, info) as svc:
         yield svc
@@ -118,6 +119,10 @@ def test_concurrent_requests_get_the_same_answers_as_sequential_ones(service):
     (json.dumps({"questions": ["q"] * 9}).encode(), 413, "at most 8"),
     (json.dumps({"questions": ["ok", "x" * 201]}).encode(), 413, "questions[1]: 201 characters"),
     (json.dumps({"questions": ["x" * 150] * 40}).encode(), 413, "larger than 4096 bytes"),
+    (b'{"questions": ["ok", "a \\ud800 b"]}', 422, "questions[1]: not valid Unicode (U+D800"),
+    (json.dumps({"questions": ["tab\tand\nline", "bell\u0007"]}).encode(), 422,
+     "questions[1]: control character U+0007"),
+    (json.dumps({"questions": ["ok", "a " * 60]}).encode(), 413, "longer than 50 tokens questions[1]: 60 tokens"),
 ])
 def test_bad_requests_get_clear_json_errors(service, body, status, needle):
     got, payload, _ = call(service.url, "/v1/answer", body)
@@ -149,10 +154,10 @@ def test_a_full_queue_answers_503_with_retry_after(model):
     gate, entered = threading.Event(), threading.Event()
     answer_rows, info = model_answerer(model, ServiceConfig())
 
-    def held(questions, explain):  # the real answers, after the test lets the pass run
+    def held(questions, explain, asks):  # the real answers, after the test lets the pass run
         entered.set()
         gate.wait(60)
-        return answer_rows(questions, explain)
+        return answer_rows(questions, explain, asks)
 
     cfg = ServiceConfig(port=0, max_batch_size=2, max_questions=2, max_queue=2, max_wait_ms=0)
     with BackgroundService(held, cfg, info) as svc, ThreadPoolExecutor(4) as ex:
@@ -168,18 +173,38 @@ def test_a_full_queue_answers_503_with_retry_after(model):
         assert call(svc.url, "/health")[1]["batching"]["rejected"] == 1
 
 
-def test_a_failing_model_gives_500_and_the_service_goes_on(model):
+def test_a_failing_request_gets_a_generic_500_alone_and_the_details_go_to_the_log(model, caplog):
     answer_rows, info = model_answerer(model, ServiceConfig())
+    gate, entered = threading.Event(), threading.Event()
 
-    def picky(questions, explain):
+    def picky(questions, explain, asks):
+        entered.set()
+        gate.wait(60)
         if "explode" in questions:
             raise RuntimeError("cannot answer that")
-        return answer_rows(questions, explain)
+        return answer_rows(questions, explain, asks)
 
-    with BackgroundService(picky, ServiceConfig(port=0, max_wait_ms=0), info) as svc:
-        status, body, _ = call(svc.url, "/v1/answer", {"questions": ["explode"]})
-        assert status == 500 and "cannot answer that" in body["error"]["message"]
-        assert call(svc.url, "/v1/answer", {"questions": [UNRELATED[0]]})[0] == 200
+    caplog.set_level(logging.INFO, logger="meg")
+    cfg = ServiceConfig(port=0, max_wait_ms=0, max_batch_size=8, max_questions=8)
+    with BackgroundService(picky, cfg, info) as svc, ThreadPoolExecutor(4) as ex:
+        first = ex.submit(call, svc.url, "/v1/answer", {"questions": [UNRELATED[0]]})
+        assert entered.wait(30)  # the first pass is held: the next three requests queue up for one pass
+        good = ex.submit(call, svc.url, "/v1/answer", {"questions": list(UNRELATED[1:3])})
+        bad = ex.submit(call, svc.url, "/v1/answer", {"questions": ["explode"]})
+        good2 = ex.submit(call, svc.url, "/v1/answer", {"questions": [UNRELATED[0]]})
+        while svc.batcher.waiting < 4:
+            time.sleep(0.01)
+        gate.set()
+        assert first.result(60)[0] == 200 and good.result(60)[0] == 200 and good2.result(60)[0] == 200
+        status, body, headers = bad.result(60)
+        assert good.result()[1]["answers"] == model.answer(list(UNRELATED[1:3]))["answers"]  # as if alone
+        stats = call(svc.url, "/health")[1]["batching"]
+    rid = headers["x-request-id"]
+    assert status == 500 and body["error"]["message"] == f"internal error (request id {rid})"
+    assert "cannot answer that" not in json.dumps(body)
+    assert stats["failed_passes"] == 1 and stats["failed_requests"] == 1  # the pass of three, then one by one
+    failures = [r for r in caplog.records if r.name == "meg.service" and rid in r.getMessage()]
+    assert failures and "cannot answer that" in failures[0].getMessage() and failures[0].exc_info
 
 
 def test_service_config_is_checked():
