@@ -28,6 +28,18 @@ def call(url: str, path: str, body: bytes | dict | None = None, method: str | No
         return e.code, json.loads(e.read()), dict(e.headers)
 
 
+def ask_at_once(url: str, questions: list[str]) -> list[tuple[int, dict, dict]]:
+    """One /v1/answer request per question, all released at the same moment (so they share batched passes)."""
+    barrier = threading.Barrier(len(questions))
+
+    def ask(q):
+        barrier.wait(30)
+        return call(url, "/v1/answer", {"questions": [q]})
+
+    with ThreadPoolExecutor(len(questions)) as ex:
+        return list(ex.map(ask, questions))
+
+
 @pytest.fixture(scope="module")
 def model():
     from meg.editor import EditedModel
@@ -89,14 +101,7 @@ def test_concurrent_requests_get_the_same_answers_as_sequential_ones(service):
     questions = [e.prompt for e in edits] + [e.paraphrases[0] for e in edits] + list(UNRELATED)
     sequential = [call(service.url, "/v1/answer", {"questions": [q]})[1]["answers"][0] for q in questions]
     before = call(service.url, "/health")[1]["batching"]
-    barrier = threading.Barrier(len(questions))
-
-    def ask(q):
-        barrier.wait(30)
-        return call(service.url, "/v1/answer", {"questions": [q]})
-
-    with ThreadPoolExecutor(len(questions)) as ex:
-        results = list(ex.map(ask, questions))
+    results = ask_at_once(service.url, questions)
     assert all(status == 200 for status, _, _ in results)
     assert [body["answers"][0] for _, body, _ in results] == sequential
     after = call(service.url, "/health")[1]["batching"]

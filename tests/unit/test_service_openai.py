@@ -18,7 +18,7 @@ from meg.answer import AnswerConfig, answer_detail, base_answer_detail  # noqa: 
 from meg.errors import ConfigError  # noqa: E402
 from meg.service import BackgroundService, ServiceConfig, model_answerer  # noqa: E402
 from tests.tiny_bundle import UNRELATED, tiny_bundle, tiny_edits, tiny_loaded  # noqa: E402
-from tests.unit.test_service import call  # noqa: E402
+from tests.unit.test_service import ask_at_once, call  # noqa: E402
 
 KEY = "test-key-0123456789"
 
@@ -277,14 +277,7 @@ def test_an_api_key_guards_everything_but_the_short_health(model):
 
 def test_a_bad_request_among_concurrent_ones_fails_alone(service):
     questions = [tiny_edits()[2].prompt, UNRELATED[1], "bell\u0007", UNRELATED[2]]
-    barrier = threading.Barrier(len(questions))
-
-    def ask(q):
-        barrier.wait(30)
-        return call(service.url, "/v1/answer", {"questions": [q]})
-
-    with ThreadPoolExecutor(len(questions)) as ex:
-        results = list(ex.map(ask, questions))
+    results = ask_at_once(service.url, questions)
     assert [r[0] for r in results] == [200, 200, 422, 200]
     assert "questions[0]: control character U+0007 at character 4" in results[2][1]["error"]["problems"]
 
