@@ -19,13 +19,25 @@ MODEL_FIXTURES = {"tokenizer", "tiny_models", "smollm2", "tiny_bundle", "bundle"
 TIER_OF_DIR = {"pipeline": "pipeline", "reliability": "slow", "integration": "slow"}
 
 
+MODEL_CALLS = ("tiny_model(", "tiny_bundle", "tiny_loaded", "load_model(", "load_tokenizer(", "tiny_models")
+
+
+def _loads_models(path, seen: dict = {}) -> bool:  # noqa: B006 (a per-run cache)
+    """Whether a test module builds or loads a model anywhere (its fixtures included)."""
+    if path not in seen:
+        text = path.read_text(encoding="utf-8")
+        seen[path] = any(call in text for call in MODEL_CALLS)
+    return seen[path]
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         parts = item.path.parts
         tier = next((TIER_OF_DIR[d] for d in TIER_OF_DIR if d in parts), None)
         if tier is None:
             fixtures = set(getattr(item, "fixturenames", ()))
-            tier = "component" if fixtures & MODEL_FIXTURES or item.get_closest_marker("component") else "unit"
+            component = fixtures & MODEL_FIXTURES or item.get_closest_marker("component") or _loads_models(item.path)
+            tier = "component" if component else "unit"
         item.add_marker(getattr(pytest.mark, tier))
 
 
