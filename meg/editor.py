@@ -353,10 +353,12 @@ class EditedModel(evaluate.EditedLM):
 
             return generate_hf(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
         prompts = [inputs] if isinstance(inputs, str) else list(inputs)
-        if set(generate_kwargs) <= {"expected"}:  # the harness's own options
+        own = {"expected", "chat", "release"}  # the harness's own options (evaluate.EditedLM.generate)
+        if set(generate_kwargs) <= own:
             return super().generate(prompts, max_new_tokens, **generate_kwargs)
-        if "expected" in generate_kwargs:
-            raise TypeError("generate: 'expected' (evaluation early stop) cannot be combined with transformers options")
+        if own & set(generate_kwargs):
+            raise TypeError(f"generate: {', '.join(sorted(own & set(generate_kwargs)))} (the evaluation's options) "
+                            "cannot be combined with transformers options")
         tok = self.loaded.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True)
         from meg.answer import generate_hf

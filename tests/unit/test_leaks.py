@@ -24,7 +24,7 @@ def home(tmp_path, monkeypatch, tokenizer):
     return tmp_path
 
 
-def _run(loaded, edits, methods, cfg, n_evaluated=None):
+def _run(loaded, edits, methods, cfg, n_evaluated=None, protocol="ag"):
     from meg.benchmark import run_methods
     from meg.editor import MegEditor
     from meg.editors import make_editor
@@ -32,7 +32,8 @@ def _run(loaded, edits, methods, cfg, n_evaluated=None):
     def factory(name):
         return MegEditor(cfg, progress=False) if name == "meg" else make_editor(name)
 
-    return run_methods(loaded, edits, "test", methods, batch_size=8, editor_factory=factory, n_evaluated=n_evaluated)
+    return run_methods(loaded, edits, "test", methods, batch_size=8, editor_factory=factory, n_evaluated=n_evaluated,
+                       protocol=protocol)
 
 
 def test_a_counterfact_run_is_clean_for_every_method(home, tiny_models):
@@ -45,6 +46,16 @@ def test_a_counterfact_run_is_clean_for_every_method(home, tiny_models):
     assert res.methods["meg"]["cf_score"] is not None  # the field's score sits beside ours
     assert res.extras["meg"]["label"] == "MeG, lookup weights"  # the method as run, named in tables
     assert "meg (MeG, lookup weights)" in res.table() and "none (unedited model)" in res.table()
+
+
+def test_a_chat_protocol_run_asks_the_edited_model_in_chat_turns(home, tiny_models):
+    """The in-memory MeG model answers the chat protocol (user turns, the neuron released after the target)."""
+    edits = load_benchmark("counterfact", "edit")[:4]
+    res = _run(tiny_models["llama"], edits, ["meg"], _config(), protocol="chat")
+    assert res.protocol == "chat" and res.summary()["protocol"] == "chat"
+    m = res.methods["meg"]
+    assert {"rel_ag", "gen_ag", "loc_ag", "score"} <= set(m) and m["es"] is None
+    assert {k: res.extras["meg"]["leaks"][k] for k in ZERO} == ZERO
 
 
 def _facts():
