@@ -8,6 +8,7 @@ Both take an edit set (``--dataset``/``--facts``, ``--n-edits``) and records fil
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from pathlib import Path
 
@@ -17,8 +18,6 @@ from meg import facts
 def read_records(path: Path, fields: tuple[str, ...]) -> list[dict]:
     """The records of a bench.quality records file; a line that is not JSON or lacks one of
     ``fields`` stops with the file and line named."""
-    import gzip
-
     rows = []
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -63,8 +64,6 @@ class BenchResult:
     def write(self, out: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(self.summary(), indent=2))
-        import gzip
-
         records = out.with_suffix(".records.jsonl.gz")  # compressed: about a tenth of the text
         with gzip.open(records, "wt", encoding="utf-8") as f:
             for name, rows in self.records.items():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -106,6 +107,11 @@ class MegConfig:
         if self.generator_condition not in CONDITIONS:
             raise ConfigError(f"meg: bad value for 'generator_condition': {self.generator_condition!r} "
                               f"({', '.join(CONDITIONS)})")
+
+
+# the keyword options of the evaluation harness's text generation (``evaluate.EditedLM.generate``)
+HARNESS_OPTIONS = frozenset(inspect.signature(evaluate.EditedLM.generate).parameters) - {"self", "prompts",
+                                                                                          "max_new_tokens"}
 
 
 class EditedModel(evaluate.EditedLM):
@@ -353,7 +359,7 @@ class EditedModel(evaluate.EditedLM):
 
             return generate_hf(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
         prompts = [inputs] if isinstance(inputs, str) else list(inputs)
-        own = {"expected", "chat", "release"}  # the harness's own options (evaluate.EditedLM.generate)
+        own = HARNESS_OPTIONS
         if set(generate_kwargs) <= own:
             return super().generate(prompts, max_new_tokens, **generate_kwargs)
         if own & set(generate_kwargs):

@@ -88,7 +88,8 @@ def run(view: dict, prepare_dir: Path, bundle_dir: Path, out_dir: Path) -> Stage
                                          for name, m in metrics.items()])
     write_jsonl(out / "records.jsonl", [{"method": name, **r} for name, rows in result.records.items() for r in rows])
     extras = result.extras.get("meg", {})
-    write_json(out / "router.json", {k: v for k, v in extras.items() if k not in ("leaks", "label")})
+    router_info = {k: v for k, v in extras.items() if k not in ("leaks", "label")}  # numbers only
+    write_json(out / "router.json", router_info)
     write_json(out / "leaks.json", {name: x.get("leaks") for name, x in result.extras.items()})
     key = eval_key(edits, labels, loaded.content_hash)
     write_json(out / "report.json", {"eval_key": key, "protocol": PROTOCOL, "dataset": dataset,
@@ -96,7 +97,7 @@ def run(view: dict, prepare_dir: Path, bundle_dir: Path, out_dir: Path) -> Stage
     plots.comparison(metrics, PLOT_COLUMNS, out / "comparison.png", f"{dataset}: {len(edits)} edits")
     (out / "table.txt").write_text(result.table() + "\n")
     flat_metrics = {f"{name}.{k}": v for name, m in metrics.items() for k, v in m.items()}
-    flat_metrics.update({f"meg.{k}": float(v) for k, v in extras.items() if k not in ("leaks", "label")})
+    flat_metrics.update({f"meg.{k}": float(v) for k, v in router_info.items()})
     flat_metrics.update({f"{name}.leaks.{k}": float(v) for name, x in result.extras.items()
                          for k, v in (x.get("leaks") or {}).items()})
     meg = metrics["meg"]
