@@ -82,6 +82,8 @@ class PrepareConfig:
     # where the rewordings of edits and pseudo-edits come from (meg.rewrite): "model" (the base model writes them)
     # or "frames" (fixed frames around the prompt, no model call: for tests on random models)
     rewordings: str = "model"
+    # pseudo-edit paraphrases keep their record's leading context sentences (meg.editor.MegConfig.pseudo_context)
+    pseudo_context: bool = False
 
     def __post_init__(self) -> None:
         from meg.facts import BENCHMARKS
@@ -368,6 +370,8 @@ def meg_config(view: dict):
     kw["generator"] = {**defaults.generator, **gen}
     if "rewordings" in view.get("prepare", {}):
         kw["rewrite"] = {**defaults.rewrite, "source": view["prepare"]["rewordings"]}
+    if "pseudo_context" in view.get("prepare", {}):
+        kw["pseudo_context"] = view["prepare"]["pseudo_context"]
     for key in ("sample_seed", "exact_prompts"):
         if key in view.get("attach", {}):
             kw[key] = view["attach"][key]

@@ -91,6 +91,10 @@ class MegConfig:
     # overrides of meg.rewrite.RewriteConfig: the model-written rewordings of edits and pseudo-edits (the only
     # rewordings a build fits or trains on: CounterFact's own paraphrase templates are probes, meg.probes)
     rewrite: dict = field(default_factory=dict)
+    # pseudo-edit paraphrases keep the context sentences their CounterFact record puts before the question, in
+    # front of the model-written rewording (``with_rewordings``): the encoder and the calibration see questions
+    # asked after other context, as people and CounterFact ask them
+    pseudo_context: bool = False
     n_pseudo_encoder: int = 5000  # train-split pseudo-edits for the encoder
     n_pseudo_calibration: int = 2000  # held-out train-split pseudo-edits for the router threshold
     sample_seed: int = 0
@@ -509,12 +513,14 @@ def _canonical_items() -> list:
     return [(e.prompt, e.subject, _answers(e)) for e in records]
 
 
-def with_rewordings(pool: list, rewordings, n_needed: int | None = None) -> list:
+def with_rewordings(pool: list, rewordings, n_needed: int | None = None, keep_context: bool = False) -> list:
     """The pool with each record's paraphrase a rewording it may be trained on: its own when the blocklist
     allows it, else a model-written one (the record's index picks among its template's, so records of one
     template do not all get the same). Records left with none are dropped. Once ``n_needed`` records have
     one, the rest keep their prompt only (no paraphrase: they are filler and statements, never pairs), so
-    only the templates of the records used are rewritten."""
+    only the templates of the records used are rewritten. With ``keep_context``, a model-written rewording keeps
+    the sentences of other context the record's own paraphrase puts before its question (``leading_context``),
+    so the pairs ask in the form people and CounterFact do: some context, then the question."""
     import dataclasses
 
     out: list = []
@@ -533,11 +539,20 @@ def with_rewordings(pool: list, rewordings, n_needed: int | None = None) -> list
                 found = rewordings.of(e.prompt, e.subject, 8, _answers(e))
                 if not found:
                     continue
-                out.append(dataclasses.replace(e, paraphrases=(found[(start + len(out)) % len(found)],)))
+                text = found[(start + len(out)) % len(found)]
+                context = leading_context(own, e.subject) if keep_context else ""
+                out.append(dataclasses.replace(e, paraphrases=(f"{context} {text}" if context else text,)))
             n_pairs += 1
         start += block
     out.extend(dataclasses.replace(e, paraphrases=()) for e in pool[start:])
     return out
+
+
+def leading_context(text: str, subject: str | None) -> str:
+    """What ``text`` says before the sentence that names ``subject`` last ("" when that sentence starts it)."""
+    from meg.subject_gate import question_start
+
+    return text[: question_start(text, subject) or 0].strip()
 
 
 def split_pool(pool: list) -> tuple[list, list]:
@@ -750,7 +765,8 @@ def build_data(loaded: lm.LoadedModel, edits: "list[EditRequest]", cfg: MegConfi
     rewordings and the template bank of one build; the same for the in-memory build and the pipeline."""
     blocklist = build_blocklist(edits, probes)
     rw = rewordings_for(loaded, cfg, blocklist, progress, cache_dir)
-    pool = with_rewordings(pseudo_pool(edits, blocklist), rw, cfg.n_pseudo_encoder + cfg.n_pseudo_calibration)
+    pool = with_rewordings(pseudo_pool(edits, blocklist), rw, cfg.n_pseudo_encoder + cfg.n_pseudo_calibration,
+                           keep_context=cfg.pseudo_context)
     n = max(cfg.fit.n_variants, 8 if cfg.generator_variants else 0)
     rewordings = edit_rewordings(edits, rw, n) if n else {}
     return BuildData(blocklist, pool, rewordings, template_bank(cfg, pool, edits, blocklist, rewordings))

@@ -34,12 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from meg.errors import BundleError, ConfigError
-from meg.subject_gate import SubjectIndex, mask_subject
+from meg.subject_gate import SubjectIndex, mask_subject, question_start
 
 ROUTERS = ("nearest", "familiarity")
 NO_MATCH = -1e4  # score of a query the subject gate rejects: below every cosine and every -entropy
 OBJECTIVES = ("harmonic", "balanced")
 NEGATIVES = ("pooled", "per_kind")
+RELATION_SCOPES = ("text", "sentence")
 CONFIG_FILE, WEIGHTS_FILE = "router.json", "router.safetensors"
 
 
@@ -77,6 +78,13 @@ class RouterConfig:
     # question asks another fact of the subject and goes to the unedited model.
     relation_check: bool = False
     relation_word: str = "it"
+    # what of a question the relation check compares: "text" (all of it) or "sentence" (from the sentence that
+    # names the subject last on: a leading sentence of other context does not count against the relation)
+    relation_scope: str = "text"
+    # A question asked after other context ("Some context. Where was X born?") is embedded as a mix of the whole
+    # text and the question alone (from the sentence that names an edit's subject last on), this much of the latter
+    # (0: the whole text only). Questions without such context are embedded as they are.
+    question_view: float = 0.0
     relation_cut: float | None = None  # null: calibrated together with the threshold
     chunk_size: int = 4096  # edit embeddings per similarity matmul (memory bound for large edit sets)
     num_labels: int = 10  # familiarity: K random labels
@@ -110,6 +118,10 @@ class RouterConfig:
             raise bad("relation_check", "true or false")
         if not isinstance(self.relation_word, str) or not self.relation_word.strip():
             raise bad("relation_word", "a non-empty word")
+        if not _is_number(self.question_view) or not 0 <= self.question_view <= 1:
+            raise bad("question_view", "in [0, 1]")
+        if self.relation_scope not in RELATION_SCOPES:
+            raise bad("relation_scope", " | ".join(RELATION_SCOPES))
         for name in ("chunk_size", "num_labels", "blocks", "batch_size", "max_epochs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -160,6 +172,7 @@ class Router:
         self.edit_emb: torch.Tensor | None = None  # (N, C) unit vectors of the edit prompts
         self.subjects: list[str | None] | None = None  # subject of every edit, when known
         self._gate: SubjectIndex | None = None  # built from the subjects when config.subject_gate
+        self._names: SubjectIndex | None = None  # every subject, for question_view
         # relation_check: (N, C) unit embeddings of the edit prompts with their subject masked (zero rows: the
         # prompt does not name its subject, so the check does not apply to that edit)
         self.masked_emb: torch.Tensor | None = None
@@ -209,16 +222,48 @@ class Router:
         return self
 
     def _masked_prompts(self, prompts: list[str], encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
-        masked = [mask_subject(p, s, self.config.relation_word) for p, s in zip(prompts, self.subjects)]
+        masked = [self._mask(p, s) for p, s in zip(prompts, self.subjects)]
         out = torch.zeros_like(self.edit_emb)
         rows = [i for i, m in enumerate(masked) if m]
         if rows:
             out[rows] = F.normalize(encode([masked[i] for i in rows]).detach().float().cpu(), dim=-1)
         return out
 
+    def _mask(self, text: str, subject: str | None) -> str | None:
+        return mask_subject(text, subject, self.config.relation_word, self.config.relation_scope == "sentence")
+
     def _set_subjects(self, subjects: Sequence[str | None] | None) -> None:
         self.subjects = list(subjects) if subjects is not None else None
+        self._names = SubjectIndex(self.subjects) if self.subjects is not None else None
         self._gate = SubjectIndex(self.subjects) if self.config.subject_gate and self.subjects is not None else None
+
+    def question_views(self, texts: Sequence[str]) -> list[str | None]:
+        """Per query, its question without the context before it (from the sentence that names an edit's
+        subject last on), or None when nothing comes before that sentence or it names no edit's subject."""
+        if self._names is None:
+            return [None] * len(texts)
+        out: list[str | None] = []
+        for text in texts:
+            starts = [question_start(text, self.subjects[j]) for j in self._names.matches(text)]
+            start = max((s for s in starts if s is not None), default=0)
+            out.append(text[start:] if start > 0 and text[start:].strip() else None)
+        return out
+
+    def query_embeddings(self, query_emb: torch.Tensor, texts: Sequence[str] | None,
+                         encode: Callable[[list[str]], torch.Tensor] | None) -> torch.Tensor:
+        """``query_emb`` with ``question_view`` applied: a question asked after other context embedded as the mix
+        of the whole text and the question alone. Unchanged when the option is off or texts / encode are missing."""
+        w = float(self.config.question_view)
+        if not w or texts is None or encode is None or len(texts) != query_emb.shape[0]:
+            return query_emb
+        views = self.question_views(texts)
+        rows = [i for i, v in enumerate(views) if v is not None]
+        if not rows:
+            return query_emb
+        out = F.normalize(query_emb.detach().float().cpu(), dim=-1).clone()
+        q = F.normalize(encode([views[i] for i in rows]).detach().float().cpu(), dim=-1)
+        out[rows] = F.normalize((1 - w) * out[rows] + w * q, dim=-1)
+        return out
 
     def _check_fitted(self) -> torch.Tensor:
         if self.edit_emb is None:
@@ -249,7 +294,7 @@ class Router:
         """``route``, with why each query was or was not routed (``Routing.reason``) and its relation cosine."""
         if self.config.threshold is None:
             raise ConfigError(f"router ({self.kind}): no threshold; calibrate it (calibrate_router) or set one")
-        score, nearest = self.scores(query_emb, texts)
+        score, nearest = self.scores(self.query_embeddings(query_emb, texts, encode), texts)
         # in float64, as the cuts were chosen (a float32 comparison would round a cut just below a score onto it)
         passed = score.double() > self._score_cut(self.config.threshold)
         mask = passed.clone()
@@ -275,7 +320,7 @@ class Router:
         rows = active.nonzero().flatten()
         named = self.masked_emb[nearest[rows]].any(1).tolist()  # the edit's prompt names its subject
         pairs = [(m, j, q) for m, j, ok in zip(rows.tolist(), nearest[rows].tolist(), named)
-                 if ok and (q := mask_subject(texts[m], self.subjects[j], self.config.relation_word))]
+                 if ok and (q := self._mask(texts[m], self.subjects[j]))]
         if pairs:
             q = F.normalize(encode([q for _, _, q in pairs]).detach().float().cpu(), dim=-1)
             rows = torch.tensor([m for m, _, _ in pairs])
@@ -346,7 +391,7 @@ class Router:
 
         def group(emb: torch.Tensor, texts: Sequence[str] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
             """(scores, masked cosines with the nearest edit, or None without the check) of one group."""
-            score, nearest = self.scores(emb, texts)
+            score, nearest = self.scores(self.query_embeddings(emb, texts, encode), texts)
             if not self.config.relation_check:
                 return score, None
             return score, self.relation_cosines(texts, nearest, torch.ones_like(nearest, dtype=torch.bool), encode)

@@ -48,15 +48,34 @@ class SubjectIndex:
         return sorted(found)
 
 
-def mask_subject(text: str, subject: str | None, word: str) -> str | None:
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def _subject_pattern(subject: str | None) -> re.Pattern | None:
+    ws = _BREAK.sub(" ", subject).split() if subject else []
+    if not ws:
+        return None
+    return re.compile(r"(?<!\w)" + r"[^\w]+".join(re.escape(w) for w in ws) + r"(?!\w)", re.IGNORECASE)
+
+
+def question_start(text: str, subject: str | None) -> int | None:
+    """Where the sentence that names ``subject`` last begins in ``text``; None if the text does not name it."""
+    pattern = _subject_pattern(subject)
+    found = list(pattern.finditer(text)) if pattern else []
+    if not found:
+        return None
+    return max((m.end() for m in _SENTENCE_END.finditer(text, 0, found[-1].start())), default=0)
+
+
+def mask_subject(text: str, subject: str | None, word: str, last_sentence: bool = False) -> str | None:
     """``text`` with every occurrence of ``subject`` replaced by ``word``; None if the text does not name it.
 
     An occurrence is matched as ``SubjectIndex`` matches one: the subject's words as whole words,
     case-insensitive, any punctuation or whitespace between them ("Lyon's twin city" -> "it's twin city").
+    With ``last_sentence``, what comes before the sentence that names the subject last is left out: a
+    question's relation is worded from there on ("Some context. Where was X born?" -> "Where was it born?").
     """
-    ws = _BREAK.sub(" ", subject).split() if subject else []
-    if not ws:
+    start = question_start(text, subject)
+    if start is None:
         return None
-    pattern = re.compile(r"(?<!\w)" + r"[^\w]+".join(re.escape(w) for w in ws) + r"(?!\w)", re.IGNORECASE)
-    masked, n = pattern.subn(lambda _: word, text)
-    return masked if n else None
+    return _subject_pattern(subject).sub(lambda _: word, text[start:] if last_sentence else text)

@@ -150,7 +150,8 @@ def run(view: dict, out_dir: Path, root: Path = Path("."), cache_dir: Path | Non
     blocklist = build_blocklist(edits)
     rw = rewordings_for(load_base(view), meg_cfg, blocklist, progress,
                         Path(cache_dir) / "rewrites" if cache_dir else None)
-    pool = with_rewordings(pseudo_pool(edits, blocklist), rw)  # every record: the file does not depend on n_pseudo
+    # every record: the file does not depend on n_pseudo
+    pool = with_rewordings(pseudo_pool(edits, blocklist), rw, keep_context=meg_cfg.pseudo_context)
     rewordings = edit_rewordings(edits, rw, N_REWORDINGS)
     labels = _labels(view, edits, cache_dir, cfg.label_batch_size, progress)
     out = Path(out_dir)
