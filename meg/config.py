@@ -19,6 +19,7 @@ Mapping to the library's ``MegConfig`` (``meg_config``):
     generator.weights          -> weights;              generator.variants -> generator_variants
     generator.condition        -> generator_condition
     generator.* (others but warm_*)   -> MegConfig.generator (GeneratorConfig)
+    prepare.rewordings         -> rewrite.source;       prepare.pseudo_context -> pseudo_context
     attach.sample_seed         -> sample_seed;          base.device        -> every device field
 """
 
@@ -83,7 +84,7 @@ class PrepareConfig:
     # or "frames" (fixed frames around the prompt, no model call: for tests on random models)
     rewordings: str = "model"
     # pseudo-edit paraphrases keep their record's leading context sentences (meg.editor.MegConfig.pseudo_context)
-    pseudo_context: bool = False
+    pseudo_context: bool = True
 
     def __post_init__(self) -> None:
         from meg.facts import BENCHMARKS

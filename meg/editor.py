@@ -51,8 +51,12 @@ BUNDLE_FORMAT = 1
 
 
 # MeG's router settings where they differ from RouterConfig's own: the relation check is on, chosen on held-out
-# pseudo-edits (dev score 87.7 -> 90.5 on average at 500-2,500 edits, docs/experiments/history.md §4.3.1)
-ROUTER_DEFAULTS = {"relation_check": True}
+# pseudo-edits (dev score 87.7 -> 90.5 on average at 500-2,500 edits, docs/experiments/history.md §4.3.1); it
+# compares the sentence that names the subject, and a question asked after other context is embedded with the
+# question alone mixed in (0.7 of it). On 500 held-out pseudo-edits asked in CounterFact's own paraphrases
+# (``bench.devset``; routing only, docs/results.md "Routing"): paraphrases routed to their edit 57.4% -> 68.8%
+# (those after context 20% -> 89%), locality prompts routed 3.2% both
+ROUTER_DEFAULTS = {"relation_check": True, "relation_scope": "sentence", "question_view": 0.7}
 
 
 @dataclass
@@ -93,8 +97,10 @@ class MegConfig:
     rewrite: dict = field(default_factory=dict)
     # pseudo-edit paraphrases keep the context sentences their CounterFact record puts before the question, in
     # front of the model-written rewording (``with_rewordings``): the encoder and the calibration see questions
-    # asked after other context, as people and CounterFact ask them
-    pseudo_context: bool = False
+    # asked after other context, as people and CounterFact ask them. On 500 held-out pseudo-edits (with the router
+    # defaults): paraphrases routed to their edit 68.8% -> 78.6%, locality prompts routed 3.2% both, questions on
+    # an edited subject's other relations routed 10.6% -> 14.0% (docs/results.md "Routing")
+    pseudo_context: bool = True
     n_pseudo_encoder: int = 5000  # train-split pseudo-edits for the encoder
     n_pseudo_calibration: int = 2000  # held-out train-split pseudo-edits for the router threshold
     sample_seed: int = 0
