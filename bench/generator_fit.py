@@ -33,7 +33,7 @@ import torch
 
 from bench.quality import parse_settings, parse_variants
 from meg import facts, fit, lm
-from meg.config import CONDITIONS
+from meg.generator import CONDITIONS
 from meg.editor import MegConfig, encoder_for, generator_pairs, pseudo_pool, template_bank
 from meg.generator import GeneratorConfig, WeightGenerator, relative_errors
 

@@ -35,7 +35,6 @@ from typing import Any
 
 from meg.errors import ConfigError
 
-CONDITIONS = ("tuned", "tuned+base")  # what the weight generator is conditioned on (meg.editor.MegConfig)
 
 STAGES = ("prepare", "fit", "encoder", "router", "generator", "attach", "evaluate", "promote")
 
@@ -257,6 +256,8 @@ def _check_section(where: str, section: str, values: Any) -> None:
         raise ConfigError(f"{where}: {section}: missing key '{key}'")
     if section == "generator" and values["weights"] not in ("generator", "lookup"):
         raise ConfigError(f"{where}: generator: bad value for 'weights': {values['weights']!r} (generator | lookup)")
+    from meg.generator import CONDITIONS
+
     if section == "generator" and values["condition"] not in CONDITIONS:
         raise ConfigError(f"{where}: generator: bad value for 'condition': {values['condition']!r} "
                           f"({' | '.join(CONDITIONS)})")

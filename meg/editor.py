@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from meg import evaluate, fit, lm, sources
-from meg.config import CONDITIONS
+from meg.generator import CONDITIONS
 from meg.errors import BundleError, ConfigError
 from meg.hashing import file_sha256
 from meg.sources import join_conditions

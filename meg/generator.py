@@ -57,6 +57,8 @@ from torch import nn
 from meg.errors import BundleError, ConfigError
 from meg.hashing import file_sha256
 
+CONDITIONS = ("tuned", "tuned+base")  # what the weight generator is conditioned on (meg.editor.MegConfig)
+
 # Notation (paper -> code)
 #   w = (k, v, b)        one edit's packed neuron weights                 w       (N, D)
 #   w0                   shared initialisation of all edits               w0      (D,)
