@@ -138,6 +138,9 @@ def log_result(result) -> None:
 # -------------------------------------------------------------------------------- the pyfunc model
 
 
+SHA_TAG = "meg.bundle_sha256"  # the model-version tag holding the sha256 of the registered bundle's manifest
+
+
 def bundle_sha256(bundle_dir: str | Path) -> str:
     """Identity of a bundle: the sha256 of its manifest (which lists the sha256 of every file)."""
     import hashlib
@@ -248,7 +251,7 @@ def _log_verified(bundle_dir: str | Path, name: str) -> str:
     info = mlflow.pyfunc.log_model(
         name=name, python_model=__getattr__("EditedModelPyfunc")(), artifacts={MODEL_ARTIFACT: str(bundle_dir)},
         signature=_signature(), pip_requirements=_requirements(),
-        tags={"meg.bundle_sha256": bundle_sha256(bundle_dir)},
+        tags={SHA_TAG: bundle_sha256(bundle_dir)},
     )
     missing = missing_files(info.model_id, bundle_dir)
     if missing:
@@ -287,7 +290,7 @@ def _find_logged_model(sha: str, bundle_dir: str | Path) -> str | None:
     from mlflow.entities import LoggedModelStatus
 
     try:
-        found = mlflow.search_logged_models(filter_string=f"tags.`meg.bundle_sha256` = '{sha}'",
+        found = mlflow.search_logged_models(filter_string=f"tags.`{SHA_TAG}` = '{sha}'",
                                             order_by=[{"field_name": "creation_time", "ascending": False}],
                                             output_format="list")
     except Exception:  # older stores without logged-model search: log the model again
@@ -424,10 +427,10 @@ class Registry:
     def find(self, sha: str) -> str | None:
         """The version already registered for a bundle (by its sha256), if any."""
         try:
-            found = self.client.search_model_versions(f"name = '{self.name}' and tags.`meg.bundle_sha256` = '{sha}'")
+            found = self.client.search_model_versions(f"name = '{self.name}' and tags.`{SHA_TAG}` = '{sha}'")
         except Exception:
             found = [v for v in self.client.search_model_versions(f"name = '{self.name}'")
-                     if v.tags.get("meg.bundle_sha256") == sha]
+                     if v.tags.get(SHA_TAG) == sha]
         return str(min(int(v.version) for v in found)) if found else None
 
     def register(self, bundle_dir: str | Path, tags: dict[str, str]) -> tuple[str, bool]:
@@ -446,7 +449,7 @@ class Registry:
             return existing, False
         uri = with_retries(f"uploading the edit bundle {bundle_dir} to register it as {self.name}",
                            lambda: _find_logged_model(sha, bundle_dir) or _log_verified(bundle_dir, "meg-bundle"))
-        mv = mlflow.register_model(uri, self.name, tags={"meg.bundle_sha256": sha, **tags})
+        mv = mlflow.register_model(uri, self.name, tags={SHA_TAG: sha, **tags})
         return str(mv.version), True
 
     def champion(self, alias: str) -> dict | None:
@@ -499,6 +502,8 @@ class Registry:
         Path(dst).mkdir(parents=True, exist_ok=True)
         local = Path(download_artifacts(artifact_uri=f"models:/{self.name}/{version}/artifacts/{MODEL_ARTIFACT}",
                                         dst_path=str(dst)))
+        tags = self.client.get_model_version(self.name, version).tags
+        check_download(local, tags.get(SHA_TAG), f"models:/{self.name}/{version}")
         return local
 
 
@@ -568,4 +573,42 @@ def download_bundle(model_uri: str, dst: Path) -> Path:
         raise BundleError(f"{model_uri}: cannot download its bundle ({rel}): {e}") from e
     if not (local / "manifest.json").is_file():
         raise BundleError(f"{model_uri}: the downloaded '{rel}' is not an edit bundle (no manifest.json)")
+    check_download(local, _registered_sha(uri), model_uri)
     return local
+
+
+def _registered_sha(model_uri: str) -> str | None:
+    """The bundle sha256 a registry reference's version was registered with (``models:/NAME@ALIAS`` or
+    ``models:/NAME/VERSION``); None for other references or versions registered without it."""
+    import mlflow
+
+    ref = model_uri[len("models:/"):] if model_uri.startswith("models:/") else None
+    if not ref:
+        return None
+    client = mlflow.MlflowClient()
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    elif "/" in ref:
+        name, number = ref.rsplit("/", 1)
+        version = client.get_model_version(name, number)
+    else:
+        return None
+    return (version.tags or {}).get(SHA_TAG)
+
+
+def check_download(bundle_dir: Path, expected: str | None, ref: str) -> None:
+    """Refuse a downloaded bundle whose manifest is not the one its version was registered with. Every file is
+    then checked against the manifest when the bundle is loaded (``EditedModel.load``)."""
+    import warnings
+
+    from meg.errors import BundleError
+
+    if expected is None:
+        warnings.warn(f"{ref}: the version has no '{SHA_TAG}' tag; the downloaded bundle is checked against its own "
+                      "manifest only")
+        return
+    got = bundle_sha256(bundle_dir)
+    if got != expected:
+        raise BundleError(f"{ref}: the downloaded bundle's manifest has sha256 {got[:16]}..., but the version was "
+                          f"registered with {expected[:16]}...: the stored artifact changed; not used")

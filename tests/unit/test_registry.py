@@ -103,3 +103,23 @@ def test_meg_ask_takes_a_registry_reference(registry, capsys):
     assert json.loads(capsys.readouterr().out)["answers"] == EditedModel.load(tiny_bundle()).answer(qs)["answers"]
     assert main(["ask", "models:/meg-editor@nobody", "q"]) == 2
     assert "models:/meg-editor@nobody" in capsys.readouterr().err
+
+
+def test_a_downloaded_bundle_must_match_the_sha256_its_version_was_registered_with(registry, tmp_path):
+    client = mlflow.MlflowClient()
+    right = tracking.bundle_sha256(tiny_bundle())
+    try:
+        client.set_model_version_tag("meg-editor", "1", tracking.SHA_TAG, right)
+        local = tracking.download_bundle("models:/meg-editor@champion", tmp_path / "ok")
+        assert tracking.bundle_sha256(local) == right
+        client.set_model_version_tag("meg-editor", "1", tracking.SHA_TAG, "0" * 64)  # the store's artifact changed
+        for ref in ("models:/meg-editor@champion", "models:/meg-editor/1"):
+            with pytest.raises(BundleError, match="registered with 0000") as err:
+                tracking.download_bundle(ref, tmp_path / "bad")
+            assert ref in str(err.value)
+        with pytest.raises(BundleError, match="stored artifact changed"):
+            tracking.Registry("meg-editor").download_bundle("1", tmp_path / "bad2")
+    finally:
+        client.delete_model_version_tag("meg-editor", "1", tracking.SHA_TAG)
+    with pytest.warns(UserWarning, match="no 'meg.bundle_sha256' tag"):
+        tracking.download_bundle("models:/meg-editor/1", tmp_path / "untagged")
