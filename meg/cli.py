@@ -42,7 +42,6 @@ def _facts_validate(args: argparse.Namespace) -> int:
 
 
 def _facts_add(args: argparse.Namespace) -> int:
-    import subprocess
     from pathlib import Path
 
     from meg import config
@@ -52,15 +51,22 @@ def _facts_add(args: argparse.Namespace) -> int:
     from meg.errors import FactsError
 
     cfg = config.section_config(config.load_params(args.params), "prepare")
-    current, _ = edit_set(cfg)
     store = FactStore(Path(cfg.data_dir) / cfg.facts_dir)
     try:
-        report = store.add(args.file, current, fmt=args.format)
+        with store.locked():  # from reading the edit set to updating data.dvc: additions run one at a time
+            return _add_locked(args, cfg, store, edit_set(cfg)[0])
     except FactsError as e:  # one line per problem, as `meg facts validate` prints them
         for problem in e.problems:
             print(problem)
         print(f"meg: {args.file}: rejected, the fact store is unchanged", file=sys.stderr)
         return 2
+
+
+def _add_locked(args: argparse.Namespace, cfg, store, current: list) -> int:
+    import subprocess
+    from pathlib import Path
+
+    report = store.add(args.file, current, fmt=args.format)
     for note in report.notes:
         print(note, file=sys.stderr)
     print(f"{args.file}: {report.n_read} facts: {report.n_new} new, {report.n_override} overriding, "

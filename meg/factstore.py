@@ -3,15 +3,19 @@
 Each ``meg facts add FILE`` that brings something new writes ``NNNN-<name>.jsonl`` (canonical JSONL,
 ``EditRequest.to_dict`` per line, written atomically) with the next free number. Files are never
 changed afterwards; the store is read in file order and later facts override earlier ones on the same
-(normalised) prompt, as ``meg.facts.resolve`` does. The data directory holding the store is
+(normalised) prompt, as ``meg.facts.resolve`` does. An addition holds the store's lock (``FactStore.locked``)
+from reading the current edit set to writing its file, so two additions at once run one after the other, and
+a file is never written over another. The data directory holding the store is
 versioned by DVC (data.dvc); updating data.dvc is the CLI's job, not this module's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +59,30 @@ class FactStore:
         for path in self.files():
             out.extend(facts.read_facts(path, "jsonl"))
         return out
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float = 60.0):
+        """Hold the store's exclusive lock (an advisory lock on its directory, so no lock file joins the data);
+        waits up to ``timeout`` seconds for another holder, then raises FactsError."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise FactsError([FactProblem(str(self.root), None, "lock",
+                                                      f"another addition has held the fact store for {timeout:g} s; "
+                                                      "try again when it is done")]) from None
+                    time.sleep(0.05)
+            yield self
+        finally:
+            os.close(fd)  # releases the lock
 
     def next_path(self, source: str | Path) -> Path:
         numbers = [int(_NAME.match(p.name).group(1)) for p in self.files()]
@@ -104,8 +132,12 @@ class FactStore:
                     f.write(json.dumps(e.to_dict(), ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:  # a full disk, an interrupt: leave the store as it was
+            while True:  # a hard link never replaces a file: a number taken meanwhile moves this one on
+                try:
+                    os.link(tmp, path)
+                    break
+                except FileExistsError:
+                    path = self.next_path(source)
+        finally:  # also on a full disk or an interrupt: the store keeps only complete files
             tmp.unlink(missing_ok=True)
-            raise
         return path
