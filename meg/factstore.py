@@ -62,12 +62,13 @@ class FactStore:
 
     @contextlib.contextmanager
     def locked(self, timeout: float = 60.0):
-        """Hold the store's exclusive lock (an advisory lock on its directory, so no lock file joins the data);
-        waits up to ``timeout`` seconds for another holder, then raises FactsError."""
+        """Hold the store's exclusive lock: an advisory lock on the directory that holds the store (so no lock file
+        joins the data, and a rejected addition leaves no empty store behind); waits up to ``timeout`` seconds for
+        another holder, then raises FactsError."""
         import fcntl
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root, os.O_RDONLY)
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root.parent, os.O_RDONLY)
         try:
             deadline = time.monotonic() + timeout
             while True:
