@@ -200,12 +200,22 @@ def test_access_log_and_metrics(service, caplog):
     status, body, headers = call(service.url, "/v1/answer", {"questions": [tiny_edits()[0].prompt, UNRELATED[0]]})
     assert status == 200
     rid = headers["x-request-id"]
-    lines = [r.getMessage() for r in caplog.records if r.name == "meg.access" and r.getMessage().startswith(rid)]
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "meg.access" and r.getMessage().startswith(rid)]
+
+    # the line is written once the response has gone out, so it may follow the client's read by a moment
+    lines = eventually(logged)
     assert len(lines) == 1
     m = re.fullmatch(rf"{rid} POST /v1/answer 200 questions=2 tokens=(\d+)\+(\d+) latency_ms=([\d.]+)", lines[0])
     assert m and int(m[1]) > 0 and int(m[2]) > 0 and float(m[3]) > 0
     assert call(service.url, "/v1/answer", {"questions": ["bell\u0007"]})[0] == 422
-    text = _metrics(service)
+
+    def with_422() -> str | None:  # counted, like the log line, once the response has gone out
+        text = _metrics(service)
+        return text if 'meg_requests_total{endpoint="/v1/answer",status="422"}' in text else None
+
+    text = eventually(with_422)
     assert _sample(text, 'meg_requests_total{endpoint="/v1/answer",status="422"}') >= 1
     answered = _sample(text, 'meg_requests_total{endpoint="/v1/answer",status="200"}')
     assert answered >= 1 and _sample(text, 'meg_request_duration_seconds_count{endpoint="/v1/answer"}') >= answered + 1
@@ -224,6 +234,14 @@ def _metrics(service) -> str:
     with urllib.request.urlopen(service.url + "/metrics", timeout=30) as r:
         assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
         return r.read().decode()
+
+
+def eventually(get, timeout: float = 10.0):
+    """``get()`` once it returns something truthy (polled), or its last value after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (got := get()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return got
 
 
 def _sample(text: str, name: str) -> float:
