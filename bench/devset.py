@@ -9,8 +9,10 @@ records sharing nothing with any benchmark edit). The encoder trains on the pool
 ``n_pseudo_encoder`` records and the router calibrates on the next ``n_pseudo_calibration``; the
 tail is used by neither. Editing a tail record removes it from the pool, and also every record that
 shares a text with it, so tail records sharing a prompt or paraphrase with the head are skipped: the
-head stays as it was, and a build on this file gets the very encoder and calibration set a benchmark
-build gets (checked here). Each record has its own prompt, one paraphrase and one locality prompt, like CounterFact.
+head stays as it was, and a build on this file trains the encoder and calibrates the router on the very
+pseudo-edit records a benchmark build uses (checked here); their rewordings can differ where a dev record's
+paraphrase template, which that build evaluates, is blocked. Each record has its own prompt, one
+paraphrase and one locality prompt, like CounterFact.
 """
 
 from __future__ import annotations
