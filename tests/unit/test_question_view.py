@@ -83,3 +83,33 @@ def test_question_view_outside_0_1_is_refused(value):
 def test_relation_scope_must_be_known():
     with pytest.raises(ConfigError, match="relation_scope"):
         RouterConfig(relation_scope="paragraph")
+
+
+class _Rewordings:
+    """What ``with_rewordings`` needs of ``meg.rewrite.Rewordings``: every own paraphrase blocked, one rewording."""
+
+    class blocklist:  # noqa: N801 - stands for a Blocklist instance
+        @staticmethod
+        def blocks_rewording(text, subject):
+            return True
+
+    def prepare(self, items):
+        list(items)
+
+    def of(self, prompt, subject, n, answers=()):
+        return [f"What is {subject} known for?"]
+
+
+def test_pseudo_edit_paraphrases_keep_their_context_in_front_of_the_rewording():
+    from meg.editor import with_rewordings
+    from meg.facts import EditRequest
+
+    pool = [EditRequest(id="a", prompt="Ann Lee works as", target_new="nurse", subject="Ann Lee",
+                        paraphrases=("Mixed results, says research. Ann Lee's job is",)),
+            EditRequest(id="b", prompt="Bo Chan works as", target_new="cook", subject="Bo Chan",
+                        paraphrases=("Bo Chan's job is",))]
+    kept = with_rewordings(pool, _Rewordings(), keep_context=True)
+    assert [e.paraphrases[0] for e in kept] == ["Mixed results, says research. What is Ann Lee known for?",
+                                               "What is Bo Chan known for?"]
+    plain = with_rewordings(pool, _Rewordings())
+    assert [e.paraphrases[0] for e in plain] == ["What is Ann Lee known for?", "What is Bo Chan known for?"]
