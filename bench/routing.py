@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from bench import quality
 from meg import facts, lm
 from meg.editor import MegConfig, build_data, calibration_set, encoder_for, fit_router, leading_context, with_overrides
 from meg.errors import ConfigError
@@ -55,16 +56,14 @@ def summary(edits: list, paraphrase, locality, n_locality: int) -> dict:
 
 
 def parse_settings(items: list[str]) -> dict:
-    """``["router_options.question_view=0.5", ...]`` -> overrides; values are JSON (a bare word is a string)."""
+    """``["router_options.question_view=0.5", ...]`` -> overrides, each parsed as ``bench.quality`` parses settings
+    (JSON where it parses, else the string)."""
     out = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set: expected KEY=VALUE, got {item!r}")
         try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+            out.update(quality.parse_settings(item, "--set"))
+        except argparse.ArgumentTypeError as e:
+            raise ConfigError(str(e)) from None
     return out
 
 

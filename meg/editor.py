@@ -54,8 +54,8 @@ BUNDLE_FORMAT = 1
 # pseudo-edits (dev score 87.7 -> 90.5 on average at 500-2,500 edits, docs/experiments/history.md §4.3.1); it
 # compares the sentence that names the subject, and a question asked after other context is embedded with the
 # question alone mixed in (0.7 of it). On 500 held-out pseudo-edits asked in CounterFact's own paraphrases
-# (``bench.devset``; routing only, docs/results.md "Routing"): paraphrases routed to their edit 57.4% -> 68.8%
-# (those after context 20% -> 89%), locality prompts routed 3.2% both
+# (``bench.devset``, ``bench.routing``; docs/results.md "Routing"): paraphrases routed to their edit 57.4% -> 68.8%
+# (those after context 20.7% -> 90.2%), locality prompts routed 3.2% both
 ROUTER_DEFAULTS = {"relation_check": True, "relation_scope": "sentence", "question_view": 0.7}
 
 

@@ -27,21 +27,21 @@ locality prompts and paraphrases that reached anything at all.
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
+
+from meg.subject_gate import SENTENCE_END
 
 if TYPE_CHECKING:
     from meg.facts import EditRequest
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
 def template_of(text: str, subject: str | None) -> str | None:
     """The relation template of a prompt: the sentence holding the subject, subject -> "{}"."""
     if not subject or subject not in text:
         return None
-    for part in reversed(_SENTENCE_END.split(text)):
+    for part in reversed(SENTENCE_END.split(text)):
         if subject in part:
             t = part.replace(subject, "{}", 1).strip()
             return t if t != "{}" and "{" not in t.replace("{}", "", 1) else None

@@ -235,7 +235,7 @@ class Router:
     def _set_subjects(self, subjects: Sequence[str | None] | None) -> None:
         self.subjects = list(subjects) if subjects is not None else None
         self._names = SubjectIndex(self.subjects) if self.subjects is not None else None
-        self._gate = SubjectIndex(self.subjects) if self.config.subject_gate and self.subjects is not None else None
+        self._gate = self._names if self.config.subject_gate else None
 
     def question_views(self, texts: Sequence[str]) -> list[str | None]:
         """Per query, its question without the context before it (from the sentence that names an edit's
@@ -244,7 +244,8 @@ class Router:
             return [None] * len(texts)
         out: list[str | None] = []
         for text in texts:
-            starts = [question_start(text, self.subjects[j]) for j in self._names.matches(text)]
+            named = {self.subjects[j] for j in self._names.matches(text)}  # edits on one subject: looked up once
+            starts = [question_start(text, subject) for subject in named]
             start = max((s for s in starts if s is not None), default=0)
             out.append(text[start:] if start > 0 and text[start:].strip() else None)
         return out

@@ -13,6 +13,7 @@ edits or ten thousand.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Sequence
 
@@ -48,9 +49,10 @@ class SubjectIndex:
         return sorted(found)
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")  # where one sentence ends and the next begins
 
 
+@functools.lru_cache(maxsize=65536)
 def _subject_pattern(subject: str | None) -> re.Pattern | None:
     ws = _BREAK.sub(" ", subject).split() if subject else []
     if not ws:
@@ -64,7 +66,7 @@ def question_start(text: str, subject: str | None) -> int | None:
     found = list(pattern.finditer(text)) if pattern else []
     if not found:
         return None
-    return max((m.end() for m in _SENTENCE_END.finditer(text, 0, found[-1].start())), default=0)
+    return max((m.end() for m in SENTENCE_END.finditer(text, 0, found[-1].start())), default=0)
 
 
 def mask_subject(text: str, subject: str | None, word: str, last_sentence: bool = False) -> str | None:
